@@ -1,0 +1,55 @@
+"""The fixed-point core: solvers, backward modes, Jacobian regularization, solution record."""
+
+from mdeq.core.backward import (
+    Backward,
+    ImplicitBackward,
+    PhantomBackward,
+    UnrolledBackward,
+    get_backward,
+    list_backwards,
+)
+from mdeq.core.equilibrium import EquilibriumResult, solve_equilibrium
+from mdeq.core.errors import ConvergenceError, ConvergenceWarning, HigherOrderGradientError
+from mdeq.core.jacobian import JacobianRegularization, get_jacobian_regularization, jacobian_frobenius
+from mdeq.core.packing import StatePacker
+from mdeq.core.solution import BackwardStats, DEQSolution
+from mdeq.core.solvers import (
+    Anderson,
+    Broyden,
+    FixedPoint,
+    NewtonKrylov,
+    Solver,
+    SolverResult,
+    get_solver,
+    list_solvers,
+    register_solver,
+)
+
+__all__ = [
+    "Anderson",
+    "Backward",
+    "BackwardStats",
+    "Broyden",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "DEQSolution",
+    "EquilibriumResult",
+    "FixedPoint",
+    "HigherOrderGradientError",
+    "ImplicitBackward",
+    "JacobianRegularization",
+    "NewtonKrylov",
+    "PhantomBackward",
+    "Solver",
+    "SolverResult",
+    "StatePacker",
+    "UnrolledBackward",
+    "get_backward",
+    "get_jacobian_regularization",
+    "get_solver",
+    "jacobian_frobenius",
+    "list_backwards",
+    "list_solvers",
+    "register_solver",
+    "solve_equilibrium",
+]

@@ -1,0 +1,239 @@
+"""How gradients pass through an equilibrium: implicit (IFT), phantom, or unrolled.
+
+Each mode is a small dataclass with :meth:`Backward.attach`, which takes the solver's z* and
+returns the layer output f(z*) wired for gradients. The forward solve itself is done elsewhere
+(:mod:`mdeq.core.equilibrium`), once, for all modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Union
+
+import torch
+from torch import Tensor
+
+from mdeq.core.errors import (
+    HigherOrderGradientError,
+    WarningThrottle,
+    nonconvergence_message,
+    report_nonconvergence,
+)
+from mdeq.core.solution import BackwardRecord, BackwardStats
+from mdeq.core.solvers import Solver, SolverSpec, get_solver
+
+Map = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class BackwardContext:
+    """What a backward mode needs to know about the forward solve."""
+
+    solver: Solver
+    tol: float
+    max_steps: int
+    stop_mode: str
+    divergence_factor: float
+    record_trace: bool
+    on_divergence: str
+    record: BackwardRecord
+    throttle: WarningThrottle | None = None
+
+
+@dataclass
+class Backward:
+    """Base class of backward modes."""
+
+    name: ClassVar[str] = "base"
+    differentiates_solver: ClassVar[bool] = False
+    """True when the forward solve itself must run under autograd (unrolled)."""
+
+    def attach(self, f: Map, z_star: Tensor, ctx: BackwardContext, need_jacobian: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Return ``(output, z_leaf, f(z_leaf))``; the last two (or Nones) serve the Jacobian
+        regularizer, which needs f evaluated with a graph from a leaf z*."""
+        raise NotImplementedError
+
+
+@dataclass
+class ImplicitBackward(Backward):
+    """Implicit function theorem: the gradient g of the loss w.r.t. z* solves
+    g = (df/dz)^T g + dL/dz*, found by a solver on vector-Jacobian products; then one VJP
+    carries g into x and f's parameters.
+
+    ``solver``/``tol``/``max_steps`` default to the forward solve's settings.
+    """
+
+    name = "implicit"
+    solver: SolverSpec | None = None
+    tol: float | None = None
+    max_steps: int | None = None
+    stop_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver is not None:
+            self.solver = get_solver(self.solver)
+
+    def attach(self, f: Map, z_star: Tensor, ctx: BackwardContext, need_jacobian: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        z_leaf = z_star.detach().requires_grad_()
+        with torch.enable_grad():
+            fz = f(z_leaf)
+        settings = _ImplicitSettings(
+            solver=self.solver if self.solver is not None else ctx.solver,  # type: ignore[arg-type]
+            tol=self.tol if self.tol is not None else ctx.tol,
+            max_steps=self.max_steps if self.max_steps is not None else ctx.max_steps,
+            stop_mode=self.stop_mode if self.stop_mode is not None else ctx.stop_mode,
+            divergence_factor=ctx.divergence_factor,
+            record_trace=ctx.record_trace,
+            on_divergence=ctx.on_divergence,
+            record=ctx.record,
+            throttle=ctx.throttle,
+        )
+        out = _ImplicitGradient.apply(fz, z_leaf, settings)
+        return out, z_leaf, fz
+
+
+@dataclass
+class _ImplicitSettings:
+    solver: Solver
+    tol: float
+    max_steps: int
+    stop_mode: str
+    divergence_factor: float
+    record_trace: bool
+    on_divergence: str
+    record: BackwardRecord
+    throttle: WarningThrottle | None
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """Identity in forward; in backward replaces the incoming gradient by (I - J^T)^-1 grad."""
+
+    @staticmethod
+    def forward(ctx: Any, fz: Tensor, z_leaf: Tensor, settings: _ImplicitSettings) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(fz, z_leaf)
+        ctx.settings = settings
+        return fz.view_as(fz)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise HigherOrderGradientError(
+                "higher-order gradients (create_graph=True) through the implicit DEQ backward are not "
+                "supported: the linear solve is not differentiable. Use backward='unrolled' for "
+                "second derivatives, or compute them without create_graph."
+            )
+        fz, z_leaf = ctx.saved_tensors
+        s: _ImplicitSettings = ctx.settings
+
+        def vjp(v: Tensor) -> Tensor:
+            (out,) = torch.autograd.grad(fz, z_leaf, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if out is None else out
+
+        grad = grad.contiguous()
+        result = s.solver.solve(
+            lambda g: vjp(g) + grad,
+            grad,
+            tol=s.tol,
+            max_steps=s.max_steps,
+            stop_mode=s.stop_mode,
+            divergence_factor=s.divergence_factor,
+            record_trace=s.record_trace,
+            jvp=vjp,
+        )
+        s.record.stats = BackwardStats(
+            mode="implicit",
+            solver=s.solver.name,
+            nfe=result.nfe,
+            nsteps=result.nsteps,
+            residual=result.residual,
+            converged=result.converged,
+            trace=result.trace,
+        )
+        if s.on_divergence != "ignore" and not bool(result.converged.all()):
+            msg = nonconvergence_message(
+                result, what="backward", solver=s.solver.name, tol=s.tol, stop_mode=s.stop_mode, max_steps=s.max_steps
+            )
+            report_nonconvergence(msg, s.on_divergence, kind="backward", throttle=s.throttle)
+        return result.z, None, None
+
+
+@dataclass
+class PhantomBackward(Backward):
+    """Phantom gradient: ``steps`` damped iterations z <- damping z + (1 - damping) f(z) from
+    z* (detached) with autograd. ``steps=1, damping=0`` is the Jacobian-free backward."""
+
+    name = "phantom"
+    steps: int = 1
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"phantom steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.damping < 1.0:
+            raise ValueError(f"phantom damping must be in [0, 1), got {self.damping}")
+
+    def attach(self, f: Map, z_star: Tensor, ctx: BackwardContext, need_jacobian: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        z = z_star.detach()
+        if need_jacobian:
+            z = z.requires_grad_()
+        z_leaf, fz0 = z, None
+        with torch.enable_grad():
+            for k in range(self.steps):
+                fz = f(z)
+                if k == 0:
+                    fz0 = fz
+                z = fz if self.damping == 0.0 else self.damping * z + (1.0 - self.damping) * fz
+        ctx.record.stats = BackwardStats(mode="phantom", nfe=self.steps, nsteps=self.steps)
+        return z, (z_leaf if need_jacobian else None), (fz0 if need_jacobian else None)
+
+
+@dataclass
+class UnrolledBackward(Backward):
+    """Exact backpropagation through the forward solver's iterations (memory grows with steps;
+    for checking and small models)."""
+
+    name = "unrolled"
+    differentiates_solver = True
+
+    def attach(self, f: Map, z_star: Tensor, ctx: BackwardContext, need_jacobian: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        with torch.enable_grad():
+            out = f(z_star)
+        ctx.record.stats = BackwardStats(mode="unrolled")
+        return out, None, None
+
+
+_BACKWARDS: dict[str, type[Backward]] = {
+    cls.name: cls for cls in (ImplicitBackward, PhantomBackward, UnrolledBackward)
+}
+
+BackwardSpec = Union[str, Mapping[str, Any], Backward]
+
+
+def list_backwards() -> list[str]:
+    """Names of the backward modes."""
+    return sorted(_BACKWARDS)
+
+
+def get_backward(spec: BackwardSpec, **options: Any) -> Backward:
+    """A backward mode from a name, a mapping with a ``name`` key, or an instance."""
+    if isinstance(spec, Backward):
+        return dataclasses.replace(spec, **options) if options else spec
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        if "name" not in spec:
+            raise ValueError(f"a backward given as a mapping needs a 'name' key, got keys {sorted(spec)}")
+        return get_backward(spec.pop("name"), **{**spec, **options})
+    if not isinstance(spec, str):
+        raise TypeError(f"backward must be a name, a mapping or a Backward instance, got {type(spec).__name__}")
+    if spec not in _BACKWARDS:
+        close = difflib.get_close_matches(spec, list_backwards(), n=2, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown backward mode {spec!r}.{hint} Available: {', '.join(list_backwards())}.")
+    cls = _BACKWARDS[spec]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in valid:
+            raise ValueError(f"unknown option {key!r} for backward {spec!r}; valid options: {', '.join(valid) or 'none'}")
+    return cls(**options)

@@ -1,0 +1,95 @@
+"""The one call every model ends in: solve z = f(z), then wire gradients and diagnostics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mdeq.core.backward import Backward, BackwardContext
+from mdeq.core.errors import WarningThrottle, check_policy, nonconvergence_message, report_nonconvergence
+from mdeq.core.jacobian import JacobianRegularization
+from mdeq.core.solution import BackwardRecord
+from mdeq.core.solvers import Solver, SolverResult
+
+Map = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class EquilibriumResult:
+    """Flat result of :func:`solve_equilibrium` (models unpack it into a ``DEQSolution``)."""
+
+    output: Tensor
+    forward: SolverResult
+    jacobian_loss: Tensor | None
+    backward_record: BackwardRecord
+
+
+def solve_equilibrium(
+    f: Map,
+    z0: Tensor,
+    *,
+    solver: Solver,
+    backward: Backward,
+    tol: float,
+    max_steps: int,
+    stop_mode: str = "rel",
+    divergence_factor: float = 1e2,
+    record_trace: bool = False,
+    jacobian_regularization: JacobianRegularization | None = None,
+    on_divergence: str = "warn",
+    describe: str = "forward",
+    throttle: WarningThrottle | None = None,
+) -> EquilibriumResult:
+    """Find z* = f(z*) from the flat initial guess ``z0`` (batch, dim) and return f(z*).
+
+    The solve runs without autograd (except for the unrolled backward). Gradients of the
+    returned output follow ``backward``. When ``jacobian_regularization`` is given and autograd
+    is on, its estimate at z* is returned, differentiable. Samples that do not converge are
+    reported according to ``on_divergence`` ("warn", "raise" or "ignore"); ``throttle`` thins
+    out repeated warnings.
+    """
+    check_policy(on_divergence)
+    grad_on = torch.is_grad_enabled()
+    solve_kwargs = dict(
+        tol=tol, max_steps=max_steps, stop_mode=stop_mode, divergence_factor=divergence_factor, record_trace=record_trace
+    )
+    if backward.differentiates_solver and grad_on:
+        forward = solver.solve(f, z0, **solve_kwargs)  # type: ignore[arg-type]
+    else:
+        with torch.no_grad():
+            forward = solver.solve(f, z0.detach(), **solve_kwargs)  # type: ignore[arg-type]
+
+    if on_divergence != "ignore" and not bool(forward.converged.all()):
+        msg = nonconvergence_message(
+            forward, what=describe, solver=solver.name, tol=tol, stop_mode=stop_mode, max_steps=max_steps
+        )
+        report_nonconvergence(msg, on_divergence, kind=describe, throttle=throttle, solution=forward)
+
+    record = BackwardRecord()
+    jacobian_loss = None
+    if not grad_on:
+        output = f(forward.z)
+        return EquilibriumResult(output, forward, None, record)
+
+    ctx = BackwardContext(
+        solver=solver,
+        tol=tol,
+        max_steps=max_steps,
+        stop_mode=stop_mode,
+        divergence_factor=divergence_factor,
+        record_trace=record_trace,
+        on_divergence=on_divergence,
+        record=record,
+        throttle=throttle,
+    )
+    need_jacobian = jacobian_regularization is not None
+    output, z_leaf, fz_leaf = backward.attach(f, forward.z, ctx, need_jacobian)
+    if jacobian_regularization is not None:
+        if z_leaf is None or fz_leaf is None:
+            z_leaf = forward.z.detach().requires_grad_()
+            fz_leaf = f(z_leaf)
+        jacobian_loss = jacobian_regularization(f, z_leaf, fz_leaf)
+    return EquilibriumResult(output, forward, jacobian_loss, record)

@@ -1,0 +1,149 @@
+"""Errors and warnings raised by the fixed-point core, and the advice they carry."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mdeq.core.solvers.base import SolverResult
+
+
+class ConvergenceError(RuntimeError):
+    """A fixed-point solve did not converge and the policy was ``on_divergence="raise"``.
+
+    The message names the residual, the steps taken, the solver and what to try. The
+    (partial) solution record is attached as ``.solution`` when one exists.
+    """
+
+    def __init__(self, message: str, solution: Any = None) -> None:
+        super().__init__(message)
+        self.solution = solution
+
+
+class ConvergenceWarning(UserWarning):
+    """A fixed-point solve did not converge (policy ``on_divergence="warn"``)."""
+
+
+class HigherOrderGradientError(RuntimeError):
+    """Raised when a second derivative is requested through the implicit backward."""
+
+
+ADVICE = (
+    "What to try: (1) make f contract at initialisation: scale f down (e.g. f(z, x) / 100 "
+    "or a smaller init of its last layer; training recovers the scale); (2) add Jacobian "
+    "regularization (jacobian_regularization='vjp') and weight it in the loss; (3) damp the "
+    "iteration (FixedPoint(damping=0.5) or Anderson(beta=0.5)); (4) normalise f's weights "
+    "(weight/spectral normalisation); (5) a root-finding solver (broyden, newton_krylov) or "
+    "more steps (max_steps) if the residual was still falling."
+)
+
+POLICIES = ("warn", "raise", "ignore")
+
+
+def check_policy(policy: str) -> str:
+    """Validate an ``on_divergence`` policy name."""
+    if policy not in POLICIES:
+        raise ValueError(f"on_divergence must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
+def nonconvergence_message(
+    result: SolverResult,
+    *,
+    what: str,
+    solver: str,
+    tol: float,
+    stop_mode: str,
+    max_steps: int,
+) -> str:
+    """Describe a solve in which some samples did not converge, with concrete advice.
+
+    ``what`` names the solve ("forward" or "backward"). Reads tensors on the host: call it
+    only once per solve, after it is known that something failed.
+    """
+    converged = result.converged.detach().cpu()
+    diverged = result.diverged.detach().cpu()
+    residual = result.residual.detach().cpu()
+    n = converged.numel()
+    n_bad = int((~converged).sum())
+    n_div = int(diverged.sum())
+    finite = residual[torch.isfinite(residual)]
+    res_txt = (
+        f"{stop_mode} residual max {float(finite.max()):.3g}, median {float(finite.median()):.3g}"
+        if finite.numel()
+        else "residual is NaN/Inf for every sample"
+    )
+    parts = [
+        f"DEQ {what} solve did not converge for {n_bad}/{n} samples "
+        f"(solver={solver}, {result.nsteps} steps of max_steps={max_steps}, {result.nfe} f-evaluations, "
+        f"tol={tol:g} {stop_mode}): {res_txt}."
+    ]
+    if result.nonfinite_at_start.any():
+        k = int(result.nonfinite_at_start.sum())
+        parts.append(
+            f"f returned NaN/Inf at its very first evaluation for {k} sample(s): the input or "
+            "f itself produces NaN (check the data; scale f down, e.g. f/100, or add Jacobian "
+            "regularization)."
+        )
+    if n_div:
+        parts.append(
+            f"{n_div} sample(s) diverged (residual became NaN/Inf or grew more than "
+            "divergence_factor times its initial value); the best iterate was kept."
+        )
+    elif result.trace is not None and result.trace.shape[0] >= 4:
+        tr = result.trace.detach().cpu()
+        late, early = tr[-1][~converged], tr[tr.shape[0] // 2][~converged]
+        if late.numel() and bool((late < 0.5 * early).all()):
+            parts.append("The residual was still falling: more steps (max_steps) may suffice.")
+    parts.append(ADVICE)
+    return " ".join(parts)
+
+
+
+class WarningThrottle:
+    """Counts non-convergence events per kind and lets the 1st, 2nd, 4th, 8th... through, so a
+    training run that keeps failing stays visible without flooding the log. Picklable."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, kind: str) -> int | None:
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
+        return n if n & (n - 1) == 0 else None
+
+
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules["torch"], sys.modules[__name__.split(".")[0]])
+    if getattr(m, "__file__", None)
+)
+
+
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside mdeq and torch (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def report_nonconvergence(
+    message: str, policy: str, *, kind: str, throttle: WarningThrottle | None = None, solution: Any = None
+) -> None:
+    """Apply an ``on_divergence`` policy to a non-convergence ``message``."""
+    if policy == "ignore":
+        return
+    if policy == "raise":
+        raise ConvergenceError(message, solution=solution)
+    count = throttle(kind) if throttle is not None else 1
+    if count is None:
+        return
+    if count > 1:
+        message += f" [{kind} non-convergence #{count} in this layer; repeats are shown at powers of two]"
+    warnings.warn(message, ConvergenceWarning, stacklevel=_user_stacklevel())

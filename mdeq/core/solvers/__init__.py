@@ -1,0 +1,24 @@
+"""Fixed-point solvers, all sharing :class:`Solver`'s loop and selectable by name."""
+
+from mdeq.core.solvers.anderson import Anderson
+from mdeq.core.solvers.base import ConvergenceTracker, Solver, SolverResult
+from mdeq.core.solvers.broyden import Broyden
+from mdeq.core.solvers.fixed_point import FixedPoint
+from mdeq.core.solvers.gmres import gmres
+from mdeq.core.solvers.newton_krylov import NewtonKrylov
+from mdeq.core.solvers.registry import SolverSpec, get_solver, list_solvers, register_solver
+
+__all__ = [
+    "Anderson",
+    "Broyden",
+    "ConvergenceTracker",
+    "FixedPoint",
+    "NewtonKrylov",
+    "Solver",
+    "SolverResult",
+    "SolverSpec",
+    "get_solver",
+    "gmres",
+    "list_solvers",
+    "register_solver",
+]

@@ -1,0 +1,265 @@
+"""The solver interface and the bookkeeping every solver shares.
+
+A solver finds z with z = f(z) for a batch of flat states z of shape (batch, dim). Every
+solver runs the same loop (:meth:`Solver.solve`): evaluate f at the current iterate, let the
+:class:`ConvergenceTracker` record residuals, the best iterate, convergence and divergence per
+sample, then ask the solver's :meth:`Solver.step` for the next iterate. Samples that converged
+or diverged are frozen, so each sample has its own stop; the loop ends when every sample has
+stopped or ``max_steps`` is reached. Solvers are written without in-place updates of tensors
+that may carry gradients, so the same code also runs under autograd (the "unrolled" backward).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+Map = Callable[[Tensor], Tensor]
+
+STOP_MODES = ("rel", "abs")
+
+
+@dataclass
+class SolverResult:
+    """Outcome of one batched solve. All tensors have a leading batch dimension."""
+
+    z: Tensor
+    """Best iterate per sample (lowest residual seen), shape (batch, dim)."""
+    residual: Tensor
+    """Residual of ``z`` in the stop mode ("rel": ||f(z)-z|| / ||f(z)||, or "abs")."""
+    abs_residual: Tensor
+    """||f(z) - z|| of ``z``."""
+    rel_residual: Tensor
+    """||f(z) - z|| / ||f(z)|| of ``z``."""
+    converged: Tensor
+    """Per-sample bool: residual <= tol."""
+    diverged: Tensor
+    """Per-sample bool: NaN/Inf seen or residual blew up; stopped early."""
+    nonfinite_at_start: Tensor
+    """Per-sample bool: the very first f evaluation was NaN/Inf."""
+    best_step: Tensor
+    """Per-sample index (0-based) of the iteration whose iterate is returned."""
+    nfe: int
+    """Number of (batched) f evaluations, including Jacobian-vector products."""
+    nsteps: int
+    """Number of loop iterations run."""
+    trace: Tensor | None = None
+    """Residual (stop mode) per iteration, shape (nsteps, batch), when recorded."""
+
+
+class _CountedMap:
+    """Wraps f and counts its evaluations."""
+
+    def __init__(self, f: Map) -> None:
+        self.f = f
+        self.nfe = 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.f(z)
+
+
+class _StopCheck:
+    """Answers "has every sample stopped?" without stalling the device.
+
+    On CPU the flag is read directly (no cost). On CUDA the flag is copied to pinned host memory
+    asynchronously and read once its event has completed, so the solver loop never waits for the
+    GPU; it may run one or two extra (frozen, harmless) iterations instead. At most ``max_lag``
+    flags are in flight before the oldest is waited for.
+    """
+
+    def __init__(self, device: torch.device, max_lag: int = 4) -> None:
+        self.asynchronous = device.type == "cuda"
+        self.max_lag = max_lag
+        self.pending: collections.deque[tuple[Any, Tensor]] = collections.deque()
+
+    def all_stopped(self, active: Tensor) -> bool:
+        if not self.asynchronous:
+            return not bool(active.any())
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(active.any(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, host))
+        while self.pending:
+            event, host = self.pending[0]
+            if len(self.pending) > self.max_lag:
+                event.synchronize()
+            elif not event.query():
+                break
+            self.pending.popleft()
+            if not bool(host):
+                return True
+        return False
+
+
+class ConvergenceTracker:
+    """Per-sample residuals, best iterate, convergence and divergence, shared by all solvers."""
+
+    def __init__(
+        self,
+        z0: Tensor,
+        *,
+        tol: float,
+        stop_mode: str,
+        divergence_factor: float,
+        record_trace: bool,
+    ) -> None:
+        b = z0.shape[0]
+        dev = z0.device
+        real = z0.dtype
+        self.tol = tol
+        self.rel = stop_mode == "rel"
+        self.divergence_factor = divergence_factor
+        self.eps = torch.finfo(real).tiny if real.is_floating_point else 1e-30
+        inf = torch.full((b,), math.inf, device=dev, dtype=real)
+        self.best_z = z0
+        self.best_r = inf
+        self.best_abs = inf
+        self.best_rel = inf
+        self.first_abs = inf
+        self.best_step = torch.zeros(b, dtype=torch.long, device=dev)
+        self.converged = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.diverged = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.nonfinite_at_start = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.active = torch.ones(b, dtype=torch.bool, device=dev)
+        self.trace: list[Tensor] | None = [] if record_trace else None
+        self.step = 0
+
+    def observe(self, z: Tensor, fz: Tensor) -> Tensor:
+        """Record the residual of iterate ``z`` (given f(z)); return the still-active mask."""
+        diff = fz - z
+        abs_r = torch.linalg.vector_norm(diff, dim=1)
+        rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + self.eps)
+        r = rel_r if self.rel else abs_r
+        finite = torch.isfinite(abs_r) & torch.isfinite(rel_r)
+        active = self.active
+        if self.step == 0:
+            self.nonfinite_at_start = ~finite
+        improved = active & finite & (r < self.best_r)
+        self.best_r = torch.where(improved, r, self.best_r)
+        self.best_abs = torch.where(improved, abs_r, self.best_abs)
+        self.best_rel = torch.where(improved, rel_r, self.best_rel)
+        self.best_z = torch.where(improved[:, None], z, self.best_z)
+        self.best_step = torch.where(improved, torch.full_like(self.best_step, self.step), self.best_step)
+        # Blow-up is measured against the first residual, not the best one: solvers are not
+        # monotone, and near the precision floor a 100x jump over the best is only noise.
+        if self.step == 0:
+            self.first_abs = torch.where(finite, abs_r, self.first_abs)
+        blew_up = abs_r > self.divergence_factor * self.first_abs
+        self.diverged = self.diverged | (active & (~finite | blew_up))
+        self.converged = self.converged | (active & finite & (r <= self.tol))
+        self.active = ~(self.converged | self.diverged)
+        if self.trace is not None:
+            self.trace.append(r.detach())
+        self.step += 1
+        return self.active
+
+    def next_iterate(self, proposed: Tensor, z: Tensor, fz: Tensor) -> Tensor:
+        """Freeze stopped samples, reset diverged ones to their best iterate, and replace a
+        non-finite proposal (e.g. a singular extrapolation) by a plain fixed-point step."""
+        proposal_ok = torch.isfinite(proposed).all(dim=1, keepdim=True)
+        proposed = torch.where(proposal_ok, proposed, fz)
+        nxt = torch.where(self.active[:, None], proposed, z)
+        return torch.where(self.diverged[:, None], self.best_z, nxt)
+
+    def result(self, nfe: int) -> SolverResult:
+        trace = torch.stack(self.trace) if self.trace else None
+        return SolverResult(
+            z=self.best_z,
+            residual=self.best_r,
+            abs_residual=self.best_abs,
+            rel_residual=self.best_rel,
+            converged=self.converged,
+            diverged=self.diverged & ~self.converged,
+            nonfinite_at_start=self.nonfinite_at_start,
+            best_step=self.best_step,
+            nfe=nfe,
+            nsteps=self.step,
+            trace=trace,
+        )
+
+
+@dataclass
+class Solver:
+    """Base class of all solvers: a small dataclass of options plus a :meth:`step` rule.
+
+    Subclasses set ``name`` and implement :meth:`init_state` and :meth:`step`. Instances are
+    plain picklable, deep-copyable objects; they hold no tensors between solves.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def init_state(self, z0: Tensor) -> Any:
+        """Per-solve state (histories etc.)."""
+        return None
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
+        """Propose the next iterate from the current iterate ``z`` and ``fz = f(z)``.
+
+        ``f`` may be called again (e.g. for Jacobian-vector products); its evaluations are
+        counted. ``jvp``, when given, computes the Jacobian of f at ``z`` times a vector
+        exactly (used for affine maps such as the backward linear system).
+        """
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The solver's options as a dict (for logging and model cards)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def solve(
+        self,
+        f: Map,
+        z0: Tensor,
+        *,
+        tol: float = 1e-4,
+        max_steps: int = 50,
+        stop_mode: str = "rel",
+        divergence_factor: float = 1e2,
+        record_trace: bool = False,
+        jvp: Map | None = None,
+    ) -> SolverResult:
+        """Solve z = f(z) from ``z0`` of shape (batch, dim); return the best iterate per sample."""
+        validate_solve_args(z0, tol=tol, max_steps=max_steps, stop_mode=stop_mode)
+        counted = _CountedMap(f)
+        tracker = ConvergenceTracker(
+            z0, tol=tol, stop_mode=stop_mode, divergence_factor=divergence_factor, record_trace=record_trace
+        )
+        stop = _StopCheck(z0.device)
+        state = self.init_state(z0)
+        z = z0
+        for k in range(max_steps):
+            fz = counted(z)
+            if fz.shape != z.shape:
+                raise ValueError(f"the map returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}")
+            active = tracker.observe(z, fz)
+            if k == max_steps - 1 or stop.all_stopped(active):
+                break
+            proposed = self.step(state, z, fz, counted, jvp)
+            z = tracker.next_iterate(proposed, z, fz)
+        return tracker.result(counted.nfe)
+
+
+def validate_solve_args(z0: Tensor, *, tol: float, max_steps: int, stop_mode: str) -> None:
+    """Clear errors for bad solver arguments."""
+    if not isinstance(z0, Tensor) or z0.dim() != 2:
+        shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
+        raise ValueError(f"solvers take a flat state of shape (batch, dim); got {shape}")
+    if not z0.dtype.is_floating_point:
+        raise TypeError(f"the state must be floating point, got dtype {z0.dtype}")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if not (isinstance(max_steps, int) and max_steps >= 1):
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite non-negative number, got {tol!r}")
+
+
+def batched_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product of two (batch, dim) tensors."""
+    return (a * b).sum(dim=1)

@@ -1,0 +1,71 @@
+"""Inexact Newton on g(z) = f(z) - z with GMRES on Jacobian-vector products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from mdeq.core.solvers.base import Map, Solver
+from mdeq.core.solvers.gmres import gmres
+from mdeq.core.solvers.registry import register_solver
+
+JVP_MODES = ("auto", "forward_ad", "finite_diff")
+
+
+@register_solver
+@dataclass
+class NewtonKrylov(Solver):
+    """Newton's method whose linear systems (J_f - I) d = -(f(z) - z) are solved by GMRES.
+
+    Jacobian-vector products use forward-mode AD (exact; ``jvp="forward_ad"``) or a finite
+    difference (``"finite_diff"``); ``"auto"`` tries forward AD and falls back to finite
+    differences if f has an operation without a forward-AD formula. Every JVP counts as one f
+    evaluation. ``max_steps`` bounds Newton steps; each costs up to ``krylov_dim`` JVPs.
+    """
+
+    name = "newton_krylov"
+    krylov_dim: int = 20
+    krylov_tol: float = 1e-2
+    step_size: float = 1.0
+    jvp: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.jvp not in JVP_MODES:
+            raise ValueError(f"NewtonKrylov jvp must be one of {JVP_MODES}, got {self.jvp!r}")
+        if self.krylov_dim < 1:
+            raise ValueError(f"NewtonKrylov krylov_dim must be >= 1, got {self.krylov_dim}")
+        if not 0.0 < self.step_size <= 1.0:
+            raise ValueError(f"NewtonKrylov step_size must be in (0, 1], got {self.step_size}")
+
+    def init_state(self, z0: Tensor) -> Any:
+        return {"jvp": self.jvp}
+
+    def _jvp(self, state: Any, f: Map, z: Tensor, fz: Tensor, v: Tensor) -> Tensor:
+        if state["jvp"] in ("auto", "forward_ad"):
+            try:
+                with fwAD.dual_level():
+                    out = f(fwAD.make_dual(z, v))
+                    tangent = fwAD.unpack_dual(out).tangent
+                return torch.zeros_like(z) if tangent is None else tangent
+            except (NotImplementedError, RuntimeError):
+                if state["jvp"] == "forward_ad":
+                    raise
+                state["jvp"] = "finite_diff"
+        vnorm = torch.linalg.vector_norm(v, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        znorm = torch.linalg.vector_norm(z, dim=1)
+        h = torch.finfo(z.dtype).eps ** 0.5 * (1.0 + znorm) / vnorm
+        return (f(z + h[:, None] * v) - fz) / h[:, None]
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
+        g = fz - z
+
+        def jacobian_of_g(v: Tensor) -> Tensor:
+            jv = jvp(v) if jvp is not None else self._jvp(state, f, z, fz, v)
+            return jv - v
+
+        d, _, _ = gmres(jacobian_of_g, -g, max_iter=self.krylov_dim, rtol=self.krylov_tol)
+        return z + self.step_size * d
