@@ -1,0 +1,59 @@
+"""mdeq: deep equilibrium models for PyTorch.
+
+>>> from mdeq import DEQ
+>>> deq = DEQ(f, solver="anderson", backward="implicit", tol=1e-4, max_steps=50)
+>>> z_star, solution = deq(x)
+"""
+
+from mdeq.core import (
+    Anderson,
+    BackwardStats,
+    Broyden,
+    ConvergenceError,
+    ConvergenceWarning,
+    DEQSolution,
+    FixedPoint,
+    HigherOrderGradientError,
+    ImplicitBackward,
+    JacobianRegularization,
+    NewtonKrylov,
+    PhantomBackward,
+    Solver,
+    UnrolledBackward,
+    get_backward,
+    get_solver,
+    list_backwards,
+    list_solvers,
+    register_solver,
+    solve_equilibrium,
+)
+from mdeq.nn import DEQ, ConvResidualCell, SkipDEQ, TanhCell
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEQ",
+    "Anderson",
+    "BackwardStats",
+    "Broyden",
+    "ConvResidualCell",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "DEQSolution",
+    "FixedPoint",
+    "HigherOrderGradientError",
+    "ImplicitBackward",
+    "JacobianRegularization",
+    "NewtonKrylov",
+    "PhantomBackward",
+    "SkipDEQ",
+    "Solver",
+    "TanhCell",
+    "UnrolledBackward",
+    "get_backward",
+    "get_solver",
+    "list_backwards",
+    "list_solvers",
+    "register_solver",
+    "solve_equilibrium",
+]

@@ -1,0 +1,277 @@
+"""The DEQ layer: one core type; skip-DEQ and skip-reg DEQ are constructors over it."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from mdeq.core.backward import BackwardSpec, get_backward
+from mdeq.core.equilibrium import solve_equilibrium
+from mdeq.core.errors import WarningThrottle, check_policy
+from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
+from mdeq.core.packing import State, StatePacker
+from mdeq.core.solution import DEQSolution
+from mdeq.core.solvers import SolverSpec, get_solver
+
+InitSpec = Union[str, nn.Module, Callable[[Any], State]]
+INIT_NAMES = ("zeros", "f0")
+
+
+def check_cell_signature(f: Callable[..., Any]) -> None:
+    """Raise ``TypeError`` unless ``f`` can be called as ``f(z, x)``."""
+    target = f.forward if isinstance(f, nn.Module) else f
+    if not callable(target):
+        raise TypeError(f"f must be an nn.Module or a callable f(z, x), got {type(f).__name__}")
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: trust the caller
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", repr(f))
+        raise TypeError(
+            f"f must be callable as f(z, x) (the state z and the input injection x); "
+            f"{name} has signature {sig}. Wrap it, e.g. lambda z, x: g(z + x)."
+        ) from None
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for t in x if isinstance(t, Tensor)]
+    return []
+
+
+def _first_param(module: Any) -> Tensor | None:
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            return p
+    return None
+
+
+class DEQ(nn.Module):
+    """A deep equilibrium layer: returns z* with z* = f(z*, x), and a :class:`DEQSolution`.
+
+    Args:
+        f: the cell, an ``nn.Module`` (or callable) called as ``f(z, x)``; z is a tensor or a
+            tuple of tensors (the state), x the input injection.
+        solver: forward solver: a name (``"anderson"``, ``"broyden"``, ``"fixed_point"``,
+            ``"newton_krylov"``), a mapping ``{"name": ..., **options}`` or a ``Solver``.
+        backward: ``"implicit"`` (IFT; default), ``"phantom"`` or ``"unrolled"``, a mapping or
+            a ``Backward`` instance (e.g. ``ImplicitBackward(solver="broyden", tol=1e-6)``).
+        tol, max_steps, stop_mode: stop when the per-sample residual ("rel" or "abs") is at
+            most ``tol``, or after ``max_steps`` iterations.
+        init: initial guess: ``"zeros"``; ``"f0"`` (z0 = f(0, x), skip-reg); an ``nn.Module``
+            init network (skip-DEQ: its output is trained toward z* through
+            ``solution.skip_loss``); or any callable ``init(x)``.
+        state_shape: per-sample shape of the state (or a tuple of shapes for a tuple state);
+            default: the shape of x (for ``init="zeros"``) or of the initial guess.
+        jacobian_regularization: None, True, a backend name ("vjp", "jvp", "finite_diff"), a
+            mapping or a ``JacobianRegularization``; computed in training mode with autograd on.
+        on_divergence: what to do when samples do not converge: "warn" (repeats within one
+            layer are thinned to powers of two), "raise" (``ConvergenceError``) or "ignore".
+            The solution always records it.
+        divergence_factor: a sample is stopped as diverged when its residual grows to more than
+            this factor times its initial residual (or becomes NaN/Inf).
+        record_trace: keep the residual of every iteration in ``solution.trace``.
+        check_input: reject NaN/Inf inputs with a clear error (one device sync per call).
+    """
+
+    def __init__(
+        self,
+        f: nn.Module | Callable[[State, Any], State],
+        solver: SolverSpec = "anderson",
+        backward: BackwardSpec = "implicit",
+        *,
+        tol: float = 1e-4,
+        max_steps: int = 50,
+        stop_mode: str = "rel",
+        init: InitSpec = "zeros",
+        state_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        jacobian_regularization: JacobianSpec = None,
+        on_divergence: str = "warn",
+        divergence_factor: float = 1e2,
+        record_trace: bool = False,
+        check_input: bool = True,
+    ) -> None:
+        super().__init__()
+        check_cell_signature(f)
+        self.f = f
+        self.solver = get_solver(solver)
+        self.backward_mode = get_backward(backward)
+        if stop_mode not in ("rel", "abs"):
+            raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol!r}")
+        if not divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+        self.tol = float(tol)
+        self.max_steps = max_steps
+        self.stop_mode = stop_mode
+        self.divergence_factor = float(divergence_factor)
+        self.record_trace = bool(record_trace)
+        self.check_input = bool(check_input)
+        self.on_divergence = check_policy(on_divergence)
+        self.warning_throttle = WarningThrottle()
+        self.jacobian_regularization = get_jacobian_regularization(jacobian_regularization)
+        if isinstance(init, str):
+            if init not in INIT_NAMES:
+                raise ValueError(f"init must be one of {INIT_NAMES}, an nn.Module or a callable; got {init!r}")
+        elif not callable(init):
+            raise TypeError(f"init must be a name, an nn.Module or a callable init(x); got {type(init).__name__}")
+        self.init = init
+        self.state_packer = self._packer_for(state_shape)
+
+    @staticmethod
+    def _packer_for(state_shape: Any) -> StatePacker | None:
+        if state_shape is None:
+            return None
+        shape = tuple(state_shape)
+        if all(isinstance(d, int) for d in shape):
+            return StatePacker([shape], is_tuple=False)
+        if all(isinstance(s, (tuple, list)) and all(isinstance(d, int) for d in s) for s in shape):
+            return StatePacker(shape, is_tuple=True)
+        raise ValueError(f"state_shape must be a per-sample shape or a tuple of shapes, got {state_shape!r}")
+
+    @property
+    def learned_init(self) -> bool:
+        """True when the initial guess is trained toward z* (skip-DEQ and skip-reg)."""
+        return isinstance(self.init, nn.Module) or self.init == "f0"
+
+    def extra_repr(self) -> str:
+        init = self.init if isinstance(self.init, str) else type(self.init).__name__
+        return (
+            f"solver={self.solver}, backward={self.backward_mode}, tol={self.tol:g}, max_steps={self.max_steps}, "
+            f"stop_mode={self.stop_mode!r}, init={init!r}, jacobian_regularization={self.jacobian_regularization}"
+        )
+
+    # ---- input checks -------------------------------------------------------------------
+    def _check_x(self, x: Any) -> None:
+        tensors = _tensors(x)
+        for t in tensors:
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"the input x must be floating point, got dtype {t.dtype}; convert it with x.float()")
+            if self.check_input and t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError("the input x contains NaN or Inf values; the equilibrium would be NaN. Clean the input.")
+        p = _first_param(self.f)
+        if p is not None and tensors:
+            t = tensors[0]
+            if t.device != p.device:
+                raise ValueError(f"x is on {t.device} but f's parameters are on {p.device}; move one: model.to(x.device)")
+            if t.dtype != p.dtype:
+                raise TypeError(
+                    f"x has dtype {t.dtype} but f's parameters have dtype {p.dtype}; convert one "
+                    f"(model.to({t.dtype}) or x.to({p.dtype}))"
+                )
+
+    def _check_z0(self, z0: State, x: Any, packer: StatePacker) -> None:
+        packer.check(z0, "the initial state z0")
+        parts = z0 if isinstance(z0, tuple) else (z0,)
+        tensors = _tensors(x)
+        for t in parts:
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"the initial state z0 must be floating point, got dtype {t.dtype}")
+            if tensors:
+                ref = tensors[0]
+                if t.shape[0] != ref.shape[0]:
+                    raise ValueError(f"x has batch size {ref.shape[0]} but the initial state z0 has batch size {t.shape[0]}")
+                if t.dtype != ref.dtype:
+                    raise TypeError(f"x has dtype {ref.dtype} but the initial state z0 has dtype {t.dtype}; use one dtype")
+                if t.device != ref.device:
+                    raise ValueError(f"x is on {ref.device} but the initial state z0 is on {t.device}; use one device")
+
+    # ---- forward ------------------------------------------------------------------------
+    def initial_state(self, x: Any) -> State:
+        """The initial guess z0 for input ``x`` according to ``init``."""
+        if self.init == "zeros" or self.init == "f0":
+            zeros = self._zeros_like_state(x)
+            return self.f(zeros, x) if self.init == "f0" else zeros
+        return self.init(x)  # type: ignore[operator]
+
+    def _zeros_like_state(self, x: Any) -> State:
+        tensors = _tensors(x)
+        if self.state_packer is None:
+            if not isinstance(x, Tensor):
+                raise ValueError("init='zeros' with a non-tensor x needs state_shape=... to know the state's shape")
+            return torch.zeros_like(x)
+        if not tensors:
+            raise ValueError("cannot infer batch size, dtype and device: x holds no tensor; pass z0 explicitly")
+        ref = tensors[0]
+        parts = tuple(ref.new_zeros((ref.shape[0], *s)) for s in self.state_packer.shapes)
+        return parts if self.state_packer.is_tuple else parts[0]
+
+    def forward(self, x: Any, z0: State | None = None) -> tuple[State, DEQSolution]:
+        """Solve for the equilibrium of ``f(., x)``; return ``(z_star, solution)``.
+
+        ``z0`` overrides the initial guess (warm start).
+        """
+        self._check_x(x)
+        if z0 is None:
+            z0 = self.initial_state(x)
+        packer = self.state_packer or StatePacker.from_state(z0)
+        self._check_z0(z0, x, packer)
+        z0_flat = packer.pack(z0, "the initial state z0")
+        f = self.f
+
+        def f_flat(z: Tensor) -> Tensor:
+            return packer.pack(f(packer.unpack(z), x), "the output of f(z, x)")
+
+        use_jr = self.jacobian_regularization is not None and self.training
+        result = solve_equilibrium(
+            f_flat,
+            z0_flat,
+            solver=self.solver,
+            backward=self.backward_mode,
+            tol=self.tol,
+            max_steps=self.max_steps,
+            stop_mode=self.stop_mode,
+            divergence_factor=self.divergence_factor,
+            record_trace=self.record_trace,
+            jacobian_regularization=self.jacobian_regularization if use_jr else None,
+            on_divergence=self.on_divergence,
+            throttle=self.warning_throttle,
+        )
+        skip_loss = None
+        if self.learned_init:
+            skip_loss = (z0_flat - result.forward.z.detach()).pow(2).mean()
+        z_star = packer.unpack(result.output)
+        fwd = result.forward
+        solution = DEQSolution(
+            z_star=z_star,
+            z0=z0,
+            residual=fwd.rel_residual,
+            abs_residual=fwd.abs_residual,
+            nfe=fwd.nfe,
+            nsteps=fwd.nsteps,
+            converged=fwd.converged,
+            diverged=fwd.diverged,
+            solver=self.solver.name,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            jacobian_loss=result.jacobian_loss,
+            skip_loss=skip_loss,
+            trace=fwd.trace,
+            backward_record=result.backward_record,
+        )
+        return z_star, solution
+
+
+class SkipDEQ(DEQ):
+    """Skip-DEQ (Pal et al., 2022): an explicit network predicts the initial guess.
+
+    ``SkipDEQ(f, init_net)`` sets z0 = init_net(x); ``SkipDEQ(f, None)`` is the skip-reg variant
+    with z0 = f(0, x). Either way ``solution.skip_loss`` (mean squared distance between z0 and
+    z*) should be added to the training loss. Only a constructor over :class:`DEQ`.
+    """
+
+    def __init__(self, f: nn.Module | Callable[[State, Any], State], init_net: nn.Module | None = None, **kwargs: Any) -> None:
+        if "init" in kwargs:
+            raise TypeError("SkipDEQ takes init_net, not init")
+        super().__init__(f, init=init_net if init_net is not None else "f0", **kwargs)
