@@ -37,26 +37,53 @@ class Anderson(Solver):
             raise ValueError(f"Anderson lam must be >= 0, got {self.lam}")
 
     def init_state(self, z0: Tensor) -> Any:
-        return {"x": [], "f": []}
+        # Without autograd the history lives in preallocated ring buffers written in place; under
+        # autograd (unrolled backward) it is a list of tensors, so every step stays differentiable.
+        if torch.is_grad_enabled():
+            return {"x": [], "f": [], "k": 0}
+        b, d = z0.shape
+        return {
+            "X": z0.new_zeros(b, self.m, d),
+            "F": z0.new_zeros(b, self.m, d),
+            "G": z0.new_zeros(b, self.m, d),
+            "GG": z0.new_zeros(b, self.m, self.m),
+            "k": 0,
+        }
+
+    def _history(self, state: Any, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append (z, f(z)); return X, F (b, n, d) and the Gram matrix G G^T (b, n, n)."""
+        k = state["k"]
+        state["k"] = k + 1
+        n = min(k + 1, self.m)
+        if "x" in state:
+            xs, fs = state["x"], state["f"]
+            xs.append(z)
+            fs.append(fz)
+            if len(xs) > self.m:
+                del xs[0], fs[0]
+            X, F = torch.stack(xs, dim=1), torch.stack(fs, dim=1)
+            G = F - X
+            return X, F, G @ G.transpose(1, 2)
+        X, F, G, GG = state["X"], state["F"], state["G"], state["GG"]
+        slot = k % self.m
+        X[:, slot].copy_(z)
+        F[:, slot].copy_(fz)
+        torch.sub(fz, z, out=G[:, slot])
+        row = (G[:, :n] @ G[:, slot, :, None])[..., 0]  # only the new row/column of G G^T changes
+        GG[:, slot, :n] = row
+        GG[:, :n, slot] = row
+        return X[:, :n], F[:, :n], GG[:, :n, :n]
 
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
-        xs, fs = state["x"], state["f"]
-        xs.append(z)
-        fs.append(fz)
-        if len(xs) > self.m:
-            del xs[0], fs[0]
-        n = len(xs)
+        X, F, GG = self._history(state, z, fz)
+        n = X.shape[1]
         plain = self.beta * fz + (1.0 - self.beta) * z
         if n == 1:
             return plain
-        X = torch.stack(xs, dim=1)  # (b, n, d)
-        F = torch.stack(fs, dim=1)
-        G = F - X
-        GG = G @ G.transpose(1, 2)  # (b, n, n)
         scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(GG.dtype).tiny)
         eye = torch.eye(n, dtype=GG.dtype, device=GG.device)
         A = GG + (self.lam * scale + torch.finfo(GG.dtype).tiny)[:, None, None] * eye
-        ones = torch.ones(G.shape[0], n, 1, dtype=GG.dtype, device=GG.device)
+        ones = torch.ones(GG.shape[0], n, 1, dtype=GG.dtype, device=GG.device)
         w, info = torch.linalg.solve_ex(A, ones)
         w = w[..., 0]
         total = w.sum(dim=1, keepdim=True)

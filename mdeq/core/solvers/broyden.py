@@ -39,46 +39,71 @@ class Broyden(Solver):
             raise ValueError(f"Broyden step_size must be in (0, 1], got {self.step_size}")
 
     def init_state(self, z0: Tensor) -> Any:
-        return {"u": [], "v": [], "z": None, "g": None}
+        # Without autograd the low-rank factors live in zero-initialised ring buffers written in
+        # place (unused slots contribute nothing); under autograd they are lists of tensors.
+        if torch.is_grad_enabled():
+            return {"u": [], "v": [], "z": None, "g": None, "k": 0}
+        b, d = z0.shape
+        return {"U": z0.new_zeros(b, self.memory, d), "V": z0.new_zeros(b, self.memory, d), "z": None, "g": None, "k": 0}
 
     @staticmethod
-    def _matvec(us: list[Tensor], vs: list[Tensor], x: Tensor) -> Tensor:
+    def _factors(state: Any) -> tuple[Tensor, Tensor] | None:
+        if "U" in state:
+            n = min(state["k"], state["U"].shape[1])
+            return (state["U"][:, :n], state["V"][:, :n]) if n else None
+        return (torch.stack(state["u"], dim=1), torch.stack(state["v"], dim=1)) if state["u"] else None
+
+    @staticmethod
+    def _matvec(uv: tuple[Tensor, Tensor] | None, x: Tensor) -> Tensor:
         """B x with B = -I + sum_i u_i v_i^T."""
-        if not us:
+        if uv is None:
             return -x
-        U, V = torch.stack(us, dim=1), torch.stack(vs, dim=1)
+        U, V = uv
         return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", V, x), U)
 
     @staticmethod
-    def _rmatvec(us: list[Tensor], vs: list[Tensor], x: Tensor) -> Tensor:
+    def _rmatvec(uv: tuple[Tensor, Tensor] | None, x: Tensor) -> Tensor:
         """x^T B."""
-        if not us:
+        if uv is None:
             return -x
-        U, V = torch.stack(us, dim=1), torch.stack(vs, dim=1)
+        U, V = uv
         return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", U, x), V)
+
+    def _push(self, state: Any, u: Tensor, v: Tensor, keep: Tensor) -> None:
+        """Add the update (u, v); zero the history of samples that restart (keep=False)."""
+        if "U" in state:
+            U, V = state["U"], state["V"]
+            slot = state["k"] % self.memory
+            U[:, slot].copy_(u)
+            V[:, slot].copy_(v)
+            U.mul_(keep[:, None, None])
+            V.mul_(keep[:, None, None])
+        else:
+            us, vs = state["u"], state["v"]
+            us.append(u)
+            vs.append(v)
+            if len(us) > self.memory:
+                del us[0], vs[0]
+            us[:] = [torch.where(keep[:, None], t, torch.zeros_like(t)) for t in us]
+            vs[:] = [torch.where(keep[:, None], t, torch.zeros_like(t)) for t in vs]
+        state["k"] += 1
 
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
         g = fz - z
-        us, vs = state["u"], state["v"]
         if state["z"] is not None:
             dz = z - state["z"]
             dg = g - state["g"]
-            b_dg = self._matvec(us, vs, dg)
-            v = self._rmatvec(us, vs, dz)
+            uv = self._factors(state)
+            b_dg = self._matvec(uv, dg)
+            v = self._rmatvec(uv, dz)
             denom = batched_dot(v, dg)
             size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
             ok = torch.isfinite(denom) & (denom.abs() > 1e3 * torch.finfo(z.dtype).eps * size) & (size > 0)
             safe = torch.where(ok, denom, torch.ones_like(denom))
             u = torch.where(ok[:, None], (dz - b_dg) / safe[:, None], torch.zeros_like(dz))
             v = torch.where(ok[:, None], v, torch.zeros_like(v))
-            us.append(u)
-            vs.append(v)
-            if len(us) > self.memory:
-                del us[0], vs[0]
             gnorm = torch.linalg.vector_norm(g, dim=1)
             grew = gnorm > self.restart_factor * torch.linalg.vector_norm(state["g"], dim=1)
-            keep = (~grew)[:, None]
-            us[:] = [torch.where(keep, t, torch.zeros_like(t)) for t in us]
-            vs[:] = [torch.where(keep, t, torch.zeros_like(t)) for t in vs]
+            self._push(state, u, v, ~grew)
         state["z"], state["g"] = z, g
-        return z - self.step_size * self._matvec(us, vs, g)
+        return z - self.step_size * self._matvec(self._factors(state), g)
