@@ -79,39 +79,22 @@ class ImplicitBackward(Backward):
         z_leaf = z_star.detach().requires_grad_()
         with torch.enable_grad():
             fz = f(z_leaf)
-        settings = _ImplicitSettings(
-            solver=self.solver if self.solver is not None else ctx.solver,  # type: ignore[arg-type]
+        settings = dataclasses.replace(
+            ctx,
+            solver=self.solver if self.solver is not None else ctx.solver,
             tol=self.tol if self.tol is not None else ctx.tol,
             max_steps=self.max_steps if self.max_steps is not None else ctx.max_steps,
             stop_mode=self.stop_mode if self.stop_mode is not None else ctx.stop_mode,
-            divergence_factor=ctx.divergence_factor,
-            record_trace=ctx.record_trace,
-            on_divergence=ctx.on_divergence,
-            record=ctx.record,
-            throttle=ctx.throttle,
         )
         out = _ImplicitGradient.apply(fz, z_leaf, settings)
         return out, z_leaf, fz
-
-
-@dataclass
-class _ImplicitSettings:
-    solver: Solver
-    tol: float
-    max_steps: int
-    stop_mode: str
-    divergence_factor: float
-    record_trace: bool
-    on_divergence: str
-    record: BackwardRecord
-    throttle: WarningThrottle | None
 
 
 class _ImplicitGradient(torch.autograd.Function):
     """Identity in forward; in backward replaces the incoming gradient by (I - J^T)^-1 grad."""
 
     @staticmethod
-    def forward(ctx: Any, fz: Tensor, z_leaf: Tensor, settings: _ImplicitSettings) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, fz: Tensor, z_leaf: Tensor, settings: BackwardContext) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(fz, z_leaf)
         ctx.settings = settings
         return fz.view_as(fz)
@@ -125,7 +108,7 @@ class _ImplicitGradient(torch.autograd.Function):
                 "second derivatives, or compute them without create_graph."
             )
         fz, z_leaf = ctx.saved_tensors
-        s: _ImplicitSettings = ctx.settings
+        s: BackwardContext = ctx.settings
 
         def vjp(v: Tensor) -> Tensor:
             (out,) = torch.autograd.grad(fz, z_leaf, v, retain_graph=True, allow_unused=True)

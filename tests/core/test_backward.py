@@ -194,3 +194,14 @@ def test_output_used_twice_gets_one_backward_solve():
     loss.backward()
     g_ref = torch.cat([p.grad.flatten() for p in m_unr.parameters()])
     torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_implicit_equals_unrolled_on_relu_conv_cell():
+    """The tutorial's ReLU conv cell: no finite differences needed, so kinks do not matter."""
+    torch.manual_seed(2)
+    cell = ConvResidualCell(channels=8, inner_channels=8, num_groups=4, init_std=0.1).double()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    common = dict(solver="anderson", tol=1e-12, max_steps=300, on_divergence="raise")
+    g_impl, _ = _grads(DEQ(cell, backward="implicit", **common), x)
+    g_unr, _ = _grads(DEQ(cell, backward="unrolled", **common), x)
+    assert (g_impl - g_unr).norm() / g_unr.norm() < 1e-6
