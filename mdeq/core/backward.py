@@ -175,7 +175,13 @@ class PhantomBackward(Backward):
 @dataclass
 class UnrolledBackward(Backward):
     """Exact backpropagation through the forward solver's iterations (memory grows with steps;
-    for checking and small models)."""
+    for checking and small models).
+
+    With ``fixed_point`` this is the classic reference gradient. Backpropagating through
+    Anderson's or Broyden's internal linear algebra is exact too, but becomes ill-conditioned
+    when the solve is pushed to machine precision (the residual history turns collinear), so
+    use ``fixed_point`` when the unrolled gradient serves as a reference.
+    """
 
     name = "unrolled"
     differentiates_solver = True

@@ -201,7 +201,9 @@ def test_implicit_equals_unrolled_on_relu_conv_cell():
     torch.manual_seed(2)
     cell = ConvResidualCell(channels=8, inner_channels=8, num_groups=4, init_std=0.1).double()
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
-    common = dict(solver="anderson", tol=1e-12, max_steps=300, on_divergence="raise")
-    g_impl, _ = _grads(DEQ(cell, backward="implicit", **common), x)
-    g_unr, _ = _grads(DEQ(cell, backward="unrolled", **common), x)
+    common = dict(tol=1e-12, max_steps=400, on_divergence="raise")
+    g_impl, _ = _grads(DEQ(cell, solver="anderson", backward="implicit", **common), x)
+    # Reference: backprop through plain iteration (backprop through Anderson's mixing solves is
+    # ill-conditioned once its residual history is nearly collinear, see UnrolledBackward).
+    g_unr, _ = _grads(DEQ(cell, solver="fixed_point", backward="unrolled", **common), x)
     assert (g_impl - g_unr).norm() / g_unr.norm() < 1e-6
