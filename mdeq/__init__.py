@@ -27,7 +27,7 @@ from mdeq.core import (
     register_solver,
     solve_equilibrium,
 )
-from mdeq.nn import DEQ, ConvResidualCell, SkipDEQ, TanhCell
+from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleSkipDEQ, SkipDEQ, TanhCell
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,8 @@ __all__ = [
     "HigherOrderGradientError",
     "ImplicitBackward",
     "JacobianRegularization",
+    "MultiScaleDEQ",
+    "MultiScaleSkipDEQ",
     "NewtonKrylov",
     "PhantomBackward",
     "SkipDEQ",

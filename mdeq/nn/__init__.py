@@ -2,5 +2,17 @@
 
 from mdeq.nn.cells import ConvResidualCell, TanhCell
 from mdeq.nn.deq import DEQ, SkipDEQ, check_cell_signature
+from mdeq.nn.multiscale import MultiScaleDEQ, MultiScaleInit, MultiScaleMap, MultiScaleSkipDEQ, NoConnection
 
-__all__ = ["DEQ", "ConvResidualCell", "SkipDEQ", "TanhCell", "check_cell_signature"]
+__all__ = [
+    "DEQ",
+    "ConvResidualCell",
+    "MultiScaleDEQ",
+    "MultiScaleInit",
+    "MultiScaleMap",
+    "MultiScaleSkipDEQ",
+    "NoConnection",
+    "SkipDEQ",
+    "TanhCell",
+    "check_cell_signature",
+]

@@ -8,13 +8,13 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from mdeq.core.backward import BackwardSpec, get_backward
+from mdeq.core.backward import BackwardSpec, UnrolledBackward, get_backward
 from mdeq.core.equilibrium import solve_equilibrium
 from mdeq.core.errors import WarningThrottle, check_policy
 from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
 from mdeq.core.packing import State, StatePacker
 from mdeq.core.solution import DEQSolution
-from mdeq.core.solvers import SolverSpec, get_solver
+from mdeq.core.solvers import FixedPoint, SolverSpec, get_solver
 
 InitSpec = Union[str, nn.Module, Callable[[Any], State]]
 INIT_NAMES = ("zeros", "f0")
@@ -207,10 +207,12 @@ class DEQ(nn.Module):
         parts = tuple(ref.new_zeros((ref.shape[0], *s)) for s in self.state_packer.shapes)
         return parts if self.state_packer.is_tuple else parts[0]
 
-    def forward(self, x: Any, z0: State | None = None) -> tuple[State, DEQSolution]:
+    def forward(self, x: Any, z0: State | None = None, *, unroll: int | None = None) -> tuple[State, DEQSolution]:
         """Solve for the equilibrium of ``f(., x)``; return ``(z_star, solution)``.
 
-        ``z0`` overrides the initial guess (warm start).
+        ``z0`` overrides the initial guess (warm start). ``unroll=N`` skips the solver and
+        backpropagates through N weight-tied applications of f instead (MDEQ's "pretraining"
+        phase); the solution still reports the residual reached.
         """
         self._check_x(x)
         if z0 is None:
@@ -224,18 +226,25 @@ class DEQ(nn.Module):
             return packer.pack(f(packer.unpack(z), x), "the output of f(z, x)")
 
         use_jr = self.jacobian_regularization is not None and self.training
+        if unroll is not None:
+            if not (isinstance(unroll, int) and unroll >= 1):
+                raise ValueError(f"unroll must be a positive number of steps, got {unroll!r}")
+            solver, backward, tol, max_steps, policy = FixedPoint(), UnrolledBackward(), 0.0, unroll, "ignore"
+        else:
+            solver, backward, tol, max_steps = self.solver, self.backward_mode, self.tol, self.max_steps
+            policy = self.on_divergence
         result = solve_equilibrium(
             f_flat,
             z0_flat,
-            solver=self.solver,
-            backward=self.backward_mode,
-            tol=self.tol,
-            max_steps=self.max_steps,
+            solver=solver,
+            backward=backward,
+            tol=tol,
+            max_steps=max_steps,
             stop_mode=self.stop_mode,
             divergence_factor=self.divergence_factor,
             record_trace=self.record_trace,
             jacobian_regularization=self.jacobian_regularization if use_jr else None,
-            on_divergence=self.on_divergence,
+            on_divergence=policy,
             throttle=self.warning_throttle,
         )
         skip_loss = None
@@ -252,8 +261,8 @@ class DEQ(nn.Module):
             nsteps=fwd.nsteps,
             converged=fwd.converged,
             diverged=fwd.diverged,
-            solver=self.solver.name,
-            tol=self.tol,
+            solver=solver.name if unroll is None else f"unrolled({unroll})",
+            tol=tol,
             stop_mode=self.stop_mode,
             jacobian_loss=result.jacobian_loss,
             skip_loss=skip_loss,
