@@ -1,33 +1,133 @@
-"""The ``mdeq`` command line."""
+"""The ``mdeq`` command line: Lightning's CLI (fit/validate/test/predict with YAML configs) plus
+a few mdeq commands (demo, solvers, models)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_configs() -> list[str]:
+    """Config files shipped in ``configs/<task>/<model>.yaml`` (source checkout)."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.glob("*/*.yaml"))
+
+
+def overview() -> str:
+    import zoo
+    from mdeq.core import list_backwards, list_solvers
+
+    lines = [
+        "mdeq: deep equilibrium models for PyTorch",
+        "",
+        "usage: mdeq {fit,validate,test,predict} --config configs/<task>/<model>.yaml [--key value ...]",
+        "       mdeq demo | mdeq solvers | mdeq models",
+        "",
+        "tasks and configs:",
+        *[f"  {c}" for c in available_configs()],
+        "",
+        "models: " + ", ".join(zoo.list_models()),
+        "solvers: " + ", ".join(list_solvers()) + "; backward: " + ", ".join(list_backwards()),
+        "",
+        "e.g.  mdeq fit --config configs/digits/mdeq_digits.yaml",
+        "      mdeq fit --config configs/digits/mdeq_digits.yaml --trainer.max_epochs 5 --model.init_args.lr 3e-3",
+        "      mdeq fit --config ... --ckpt_path last          (resume an interrupted run)",
+        "      mdeq fit --help                                 (every option of a subcommand)",
+    ]
+    return "\n".join(lines)
+
+
+def _lightning_cli(argv: list[str]) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    from mdeq.lightning.classification import DEQLightningModule
+
+    class MDEQCLI(LightningCLI):
+        """After ``fit``: test the best checkpoint (when the data has a test split) and print
+        accuracy and solver statistics."""
+
+        def after_fit(self) -> None:
+            if self.trainer.interrupted or getattr(self.trainer, "fast_dev_run", False):
+                return
+            dm = self.datamodule
+            if dm is None or type(dm).test_dataloader is pl.LightningDataModule.test_dataloader:
+                return
+            ckpt = self.trainer.checkpoint_callback
+            best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+            results = self.trainer.test(self.model, datamodule=dm, ckpt_path=best or None, verbose=False)
+            if results and self.trainer.is_global_zero:
+                print(summary_line(results[0], best))
+
+    try:
+        MDEQCLI(
+            DEQLightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()  # flush the run (offline runs are complete on disk afterwards)
+
+
+def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:
+    """One readable line of test results and solver statistics."""
+    parts = []
+    if "test/acc" in metrics:
+        parts.append(f"test accuracy {metrics['test/acc']:.2%}")
+    if "test/top5" in metrics:
+        parts.append(f"top-5 {metrics['test/top5']:.2%}")
+    if "test/mae" in metrics:
+        parts.append(f"test MAE {metrics['test/mae']:.4f}")
+    parts.append(
+        f"forward f-evals {metrics.get('test/nfe', float('nan')):.1f}, rel. residual mean "
+        f"{metrics.get('test/residual_mean', float('nan')):.2e} max {metrics.get('test/residual_max', float('nan')):.2e}, "
+        f"converged {metrics.get('test/converged_fraction', float('nan')):.1%}"
+    )
+    if ckpt:
+        parts.append(f"checkpoint {ckpt}")
+    return "RESULT: " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mdeq`` console script."""
-    from mdeq.core import list_backwards, list_solvers
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return 0
+    if argv[0] == "demo":
+        import argparse
 
-    parser = argparse.ArgumentParser(prog="mdeq", description="Deep equilibrium models for PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="train a DEQ on the bundled 8x8 digits (no download) and report accuracy")
-    demo.add_argument("--epochs", type=int, default=40)
-    demo.add_argument("--solver", default="anderson", choices=list_solvers())
-    demo.add_argument("--seed", type=int, default=0)
-    sub.add_parser("solvers", help="list the solvers and backward modes")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
+        from mdeq.core import list_solvers
         from mdeq.demo import run_demo
 
-        run_demo(epochs=args.epochs, solver=args.solver, seed=args.seed)
+        p = argparse.ArgumentParser(prog="mdeq demo", description="train a DEQ on the bundled 8x8 digits in plain PyTorch")
+        p.add_argument("--epochs", type=int, default=40)
+        p.add_argument("--solver", default="anderson", choices=list_solvers())
+        p.add_argument("--seed", type=int, default=0)
+        a = p.parse_args(argv[1:])
+        run_demo(epochs=a.epochs, solver=a.solver, seed=a.seed)
         return 0
-    if args.command == "solvers":
+    if argv[0] == "solvers":
+        from mdeq.core import list_backwards, list_solvers
+
         print("solvers:  " + ", ".join(list_solvers()))
         print("backward: " + ", ".join(list_backwards()))
         return 0
-    parser.print_help()
+    if argv[0] == "models":
+        import zoo
+
+        print("\n".join(zoo.list_models()))
+        return 0
+    _lightning_cli(argv)
     return 0
 
 

@@ -5,5 +5,6 @@
 """
 
 from zoo.registry import create, list_models, register_model
+from zoo import architectures  # noqa: F401  (registers the architectures)
 
 __all__ = ["create", "list_models", "register_model"]

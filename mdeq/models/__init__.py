@@ -4,14 +4,20 @@ from mdeq.models.conv_deq import ConvDEQClassifier, conv_deq_small, conv_deq_sma
 from mdeq.models.mdeq_classifier import (
     MDEQClassifier,
     MDEQConfig,
+    mdeq_digits,
     mdeq_imagenet_small,
     mdeq_large,
     mdeq_tiny,
     mdeq_tiny_gray,
 )
+from mdeq.models.toy import DEQRegressor, ToyCell, deq_toy_regressor
 
 __all__ = [
     "ConvDEQClassifier",
+    "DEQRegressor",
+    "ToyCell",
+    "deq_toy_regressor",
+    "mdeq_digits",
     "MDEQClassifier",
     "MDEQConfig",
     "conv_deq_small",

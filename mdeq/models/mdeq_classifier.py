@@ -168,6 +168,20 @@ def mdeq_tiny_gray(**overrides: Any) -> MDEQClassifier:
     return MDEQClassifier(MDEQConfig(in_channels=1, image_size=(28, 28)), **overrides)
 
 
+def mdeq_digits(**overrides: Any) -> MDEQClassifier:
+    """A small 2-branch MDEQ (8x8 and 4x4) for scikit-learn's 8x8 digits: the embedded main job."""
+    cfg = MDEQConfig(
+        channels=(16, 16),
+        expansion=3,
+        num_groups=4,
+        head_channels=(4, 8),
+        final_channels=64,
+        in_channels=1,
+        image_size=(8, 8),
+    )
+    return MDEQClassifier(cfg, **overrides)
+
+
 def mdeq_large(**overrides: Any) -> MDEQClassifier:
     """CIFAR-10 MDEQ-large: 4 branches [32, 64, 128, 256], head [14, 28, 56, 112], final 1680 (~10-11M)."""
     cfg = MDEQConfig(channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680)

@@ -1,0 +1,32 @@
+"""Lightning integration: LightningModules, DataModules, loggers (the core knows nothing of it)."""
+
+from mdeq.lightning.classification import ClassificationModule, DEQLightningModule, build_backbone
+from mdeq.lightning.data import (
+    CIFAR10DataModule,
+    ClassificationDataModule,
+    DatasetNotFoundError,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    LinearToyDataModule,
+    MNISTDataModule,
+    SyntheticDataModule,
+)
+from mdeq.lightning.loggers import AutoWandbLogger, wandb_key_available
+from mdeq.lightning.regression import RegressionModule
+
+__all__ = [
+    "AutoWandbLogger",
+    "CIFAR10DataModule",
+    "ClassificationDataModule",
+    "ClassificationModule",
+    "DEQLightningModule",
+    "DatasetNotFoundError",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "LinearToyDataModule",
+    "MNISTDataModule",
+    "RegressionModule",
+    "SyntheticDataModule",
+    "build_backbone",
+    "wandb_key_available",
+]

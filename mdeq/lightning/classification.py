@@ -1,0 +1,218 @@
+"""The classification LightningModule: a thin wrapper that trains any DEQ backbone."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mdeq.core.jacobian import JacobianRegularization
+from mdeq.core.solution import DEQSolution
+from mdeq.lightning.recipes import (
+    JacobianSchedule,
+    SolverBudget,
+    build_optimizer,
+    build_scheduler,
+    capture_rng_state,
+    deq_layers,
+    restore_rng_state,
+    set_jacobian,
+)
+
+
+def build_backbone(backbone: Union[str, nn.Module], backbone_kwargs: dict[str, Any] | None, pretrained: bool = False) -> nn.Module:
+    """A backbone instance from a zoo name (with keyword arguments) or the instance itself."""
+    if isinstance(backbone, nn.Module):
+        if backbone_kwargs:
+            raise ValueError("backbone_kwargs only apply when the backbone is given by name")
+        return backbone
+    import zoo
+
+    kwargs = dict(backbone_kwargs or {})
+    if pretrained:
+        kwargs["pretrained"] = True
+    return zoo.create(backbone, **kwargs)
+
+
+class DEQLightningModule(pl.LightningModule):
+    """What every mdeq LightningModule shares: backbone, DEQ recipes, optimiser, logging of
+    solver statistics, resumable random state."""
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module],
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        jacobian_weight: float = 0.0,
+        jacobian_probability: float = 1.0,
+        jacobian_start_weight: float = 0.0,
+        jacobian_warmup_steps: int = 0,
+        jacobian_backend: str = "vjp",
+        jacobian_probes: int = 1,
+        skip_weight: float = 0.0,
+        pretrain_steps: int = 0,
+        pretrain_unroll: int = 8,
+        train_max_steps: int | None = None,
+        eval_max_steps: int | None = None,
+        train_tol: float | None = None,
+        eval_tol: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self.backbone = build_backbone(backbone, backbone_kwargs, pretrained)
+        self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
+        self.scheduler_name, self.warmup_steps, self.min_lr_ratio = scheduler, warmup_steps, min_lr_ratio
+        build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), scheduler, 0, 1)  # validates the name
+        if optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from adam, adamw, sgd")
+        self.jacobian = JacobianSchedule(jacobian_weight, jacobian_probability, jacobian_start_weight, jacobian_warmup_steps, seed)
+        self.regularizer = JacobianRegularization(backend=jacobian_backend, n_probes=jacobian_probes)
+        self.skip_weight = skip_weight
+        self.pretrain_steps, self.pretrain_unroll = pretrain_steps, pretrain_unroll
+        self.train_budget = SolverBudget(train_max_steps, train_tol)
+        self.eval_budget = SolverBudget(eval_max_steps, eval_tol)
+        self.deqs = deq_layers(self.backbone)
+        if not self.deqs:
+            raise ValueError(f"backbone {type(self.backbone).__name__} contains no DEQ layer")
+        self._defaults = {id(d): (d.max_steps, d.tol) for d in self.deqs}
+        self._own_jacobian = [d.jacobian_regularization for d in self.deqs]
+        params = inspect.signature(self.backbone.forward).parameters
+        if "return_solution" not in params:
+            raise TypeError(f"{type(self.backbone).__name__}.forward must accept return_solution=True and return (output, solution)")
+        if pretrain_steps and "unroll" not in params:
+            raise TypeError(f"pretrain_steps needs a backbone whose forward accepts unroll=N; {type(self.backbone).__name__} does not")
+        self._last_solution: DEQSolution | None = None
+
+    # ---- phases ----------------------------------------------------------------------------
+    def _enter(self, training: bool) -> None:
+        (self.train_budget if training else self.eval_budget).apply(self.deqs, self._defaults)
+        if training and self.jacobian.weight > 0:
+            set_jacobian(self.deqs, self.regularizer if self.jacobian.active(self.global_step) else None)
+        else:
+            for d, own in zip(self.deqs, self._own_jacobian):
+                d.jacobian_regularization = own
+
+    def run_backbone(self, x: Tensor, training: bool) -> tuple[Tensor, DEQSolution]:
+        self._enter(training)
+        if training and self.global_step < self.pretrain_steps:
+            return self.backbone(x, return_solution=True, unroll=self.pretrain_unroll)
+        return self.backbone(x, return_solution=True)
+
+    def regularized(self, loss: Tensor, solution: DEQSolution, prefix: str) -> Tensor:
+        if solution.jacobian_loss is not None and self.jacobian.weight > 0:
+            w = self.jacobian.weight_at(self.global_step)
+            loss = loss + w * solution.jacobian_loss
+            self.log(f"{prefix}/jacobian_weight", w, on_step=True, on_epoch=False)
+        if solution.skip_loss is not None and self.skip_weight > 0:
+            loss = loss + self.skip_weight * solution.skip_loss
+        return loss
+
+    def log_solution(self, solution: DEQSolution, prefix: str, batch_size: int) -> None:
+        on_step = prefix == "train"
+        res = solution.residual.detach()
+        values = {
+            f"{prefix}/nfe": float(solution.nfe),
+            f"{prefix}/residual_mean": res.mean() if res.numel() else 0.0,
+            f"{prefix}/residual_max": res.max() if res.numel() else 0.0,
+            f"{prefix}/converged_fraction": solution.converged.float().mean() if res.numel() else 1.0,
+        }
+        if solution.jacobian_loss is not None:
+            values[f"{prefix}/jacobian_loss"] = solution.jacobian_loss.detach()
+        if solution.skip_loss is not None:
+            values[f"{prefix}/skip_loss"] = solution.skip_loss.detach()
+        self.log_dict(values, on_step=on_step, on_epoch=True, batch_size=batch_size)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if optimizers:
+            self.log("train/lr", optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        sol = self._last_solution
+        if sol is not None and sol.backward is not None:
+            bw = sol.backward
+            values: dict[str, Any] = {"train/backward_nfe": float(bw.nfe)}
+            if bw.residual is not None and bw.residual.numel():
+                values["train/backward_residual_max"] = bw.residual.max()
+            self.log_dict(values, on_step=True, on_epoch=False)
+        self._last_solution = None
+
+    # ---- optimisation and state --------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        opt = build_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay, self.momentum)
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        sched = build_scheduler(opt, self.scheduler_name, self.warmup_steps, total, self.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mdeq_rng_state"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "mdeq_rng_state" in checkpoint:
+            restore_rng_state(checkpoint["mdeq_rng_state"])
+
+
+class ClassificationModule(DEQLightningModule):
+    """Trains a classifier whose ``forward(x, return_solution=True)`` returns (logits, solution).
+
+    Loss = cross-entropy + Jacobian weight * jacobian_loss + skip weight * skip_loss. Logs loss,
+    top-1 (and top-5 when there are more than 5 classes) accuracy and the solver statistics
+    (forward f-evaluations, backward iterations, residual mean/max, fraction converged,
+    Jacobian loss) per step and per epoch.
+    """
+
+    def __init__(self, backbone: Union[str, nn.Module] = "mdeq_digits", num_classes: int = 10, **kwargs: Any) -> None:
+        super().__init__(backbone, **kwargs)
+        self.num_classes = num_classes
+        self.metrics = nn.ModuleDict()
+        for split in ("train", "val", "test"):
+            self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes=num_classes, top_k=1)
+            if num_classes > 5:
+                self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._enter(training=False)
+        return self.backbone(x)
+
+    def _step(self, batch: Any, split: str) -> tuple[Tensor, DEQSolution]:
+        x, y = batch
+        logits, sol = self.run_backbone(x, training=split == "train")
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"the backbone returns {logits.shape[-1]} logits but num_classes={self.num_classes}")
+        ce = F.cross_entropy(logits, y)
+        loss = self.regularized(ce, sol, split) if split == "train" else ce
+        on_step = split == "train"
+        self.metrics[f"{split}_acc"](logits.detach(), y)
+        metrics: dict[str, Any] = {f"{split}/loss": loss.detach(), f"{split}/acc": self.metrics[f"{split}_acc"]}
+        if f"{split}_top5" in self.metrics:
+            self.metrics[f"{split}_top5"](logits.detach(), y)
+            metrics[f"{split}/top5"] = self.metrics[f"{split}_top5"]
+        self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_solution(sol, split, len(y))
+        return loss, sol
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, sol = self._step(batch, "train")
+        self._last_solution = sol
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)

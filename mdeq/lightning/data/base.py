@@ -1,0 +1,171 @@
+"""Shared DataModule machinery: data roots, seeded splits, a per-epoch seeded sampler."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+
+def default_data_root() -> Path:
+    """``$MDEQ_DATA`` if set, else ``./data``."""
+    return Path(os.environ.get("MDEQ_DATA", "data"))
+
+
+def default_cache_dir() -> Path:
+    """Where archives are unpacked: ``$MDEQ_CACHE`` or ``~/.cache/mdeq``."""
+    return Path(os.environ.get("MDEQ_CACHE", Path.home() / ".cache" / "mdeq"))
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where the DataModule looked; the message says how to fix it."""
+
+
+class EpochSeededSampler(DistributedSampler):
+    """Random permutation drawn from (seed, epoch) only, never from the global RNG, so a run
+    resumed from a checkpoint sees exactly the batches of an uninterrupted run.
+
+    It is a ``DistributedSampler`` that finds the process group itself: in a single process it
+    yields the whole permutation; with N processes rank r yields every N-th index of the *same*
+    permutation, so the N local batches together are exactly the single-process batch (and
+    Lightning keeps it instead of substituting its own sampler). Lightning calls
+    :meth:`set_epoch` at every epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, shuffle: bool = True) -> None:
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+
+
+class NormalizedTensorDataset(Dataset):
+    """Images (uint8 or float, N x C x H x W) and labels; normalisation and optional CIFAR-style
+    augmentation (random crop with padding, horizontal flip) applied per item."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        augment: bool = False,
+        scale: float = 255.0,
+        crop_padding: int = 4,
+    ) -> None:
+        self.images, self.labels = images, labels.long()
+        c = images.shape[1]
+        self.mean = torch.tensor(mean if mean is not None else [0.0] * c).view(c, 1, 1)
+        self.std = torch.tensor(std if std is not None else [1.0] * c).view(c, 1, 1)
+        self.scale, self.augment, self.pad = scale, augment, crop_padding
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.images[i].float() / self.scale
+        if self.augment:
+            h, w = x.shape[1:]
+            padded = torch.nn.functional.pad(x, [self.pad] * 4)
+            top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
+            x = padded[:, top : top + h, left : left + w]
+            if bool(torch.rand(()) < 0.5):
+                x = x.flip(-1)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base for image classification data: train/val/test datasets, seeded split, loaders.
+
+    Subclasses implement :meth:`load` returning (train_images, train_labels, test_images,
+    test_labels) and set ``mean``/``std``/``num_classes``/``input_shape``.
+    """
+
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    scale: float = 255.0
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        normalize: bool = True,
+        augment: bool = False,
+        limit_train: int | None = None,
+        limit_test: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.normalize = normalize
+        self.augment = augment
+        self.limit_train = limit_train
+        self.limit_test = limit_test
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x_tr, y_tr, x_te, y_te = self.load()
+        if self.limit_train is not None:
+            x_tr, y_tr = x_tr[: self.limit_train], y_tr[: self.limit_train]
+        if self.limit_test is not None:
+            x_te, y_te = x_te[: self.limit_test], y_te[: self.limit_test]
+        mean, std = (self.mean, self.std) if self.normalize else (None, None)
+        train_full = NormalizedTensorDataset(x_tr, y_tr, mean, std, augment=self.augment, scale=self.scale)
+        eval_train = NormalizedTensorDataset(x_tr, y_tr, mean, std, augment=False, scale=self.scale)
+        n_val = int(round(self.val_fraction * len(y_tr)))
+        perm = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        self.train_set = Subset(train_full, train_idx)
+        self.val_set = Subset(eval_train, val_idx) if n_val else None
+        self.test_set = NormalizedTensorDataset(x_te, y_te, mean, std, augment=False, scale=self.scale)
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        sampler = EpochSeededSampler(ds, seed=self.seed, shuffle=train)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup() first"
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "input_shape": self.input_shape, "mean": self.mean, "std": self.std}

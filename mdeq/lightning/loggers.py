@@ -1,0 +1,36 @@
+"""Weights & Biases logging that works without a network: offline when no API key is set."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def wandb_key_available() -> bool:
+    """True when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc()
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+    return rc.authenticators(host) is not None
+
+
+class AutoWandbLogger(WandbLogger):
+    """``WandbLogger`` that never prompts and never waits on the network: with no API key (or
+    ``offline=True``) it runs offline and writes the run under ``save_dir/wandb`` for a later
+    ``wandb sync``; with a key it logs online."""
+
+    def __init__(self, project: str = "mdeq", save_dir: str = "runs", offline: bool | None = None, **kwargs: Any) -> None:
+        if offline is None:
+            offline = not wandb_key_available()
+        if offline:
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)

@@ -1,0 +1,112 @@
+"""Multi-process DDP on CPU equals one process; a killed run resumes to the same weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.lightning.conftest import REPO
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings, logging
+    warnings.simplefilter("ignore"); logging.disable(logging.WARNING)
+    import torch, lightning.pytorch as pl
+    from torch import nn
+    from mdeq import DEQ, TanhCell
+    from mdeq.lightning import ClassificationModule, DigitsDataModule
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(64, 32)
+            self.deq = DEQ(TanhCell(32, 32, weight_scale=0.5), tol=1e-6, max_steps=60, state_shape=(32,))
+            self.head = nn.Linear(32, 10)
+        def forward(self, x, return_solution=False):
+            z, sol = self.deq(self.enc(x.flatten(1)))
+            return (self.head(z), sol) if return_solution else self.head(z)
+
+    mode, out = sys.argv[1], sys.argv[2]
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(backbone=Backbone(), lr=1e-2, scheduler="constant")
+    dm = DigitsDataModule(batch_size=32 if mode == "single" else 16, seed=0)
+    kw = dict(strategy="ddp", devices=2) if mode == "ddp" else dict(devices=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, **kw)
+    # In DDP the DataModule's sampler gives rank r every 2nd index of the same seeded permutation:
+    # together the two local batches of 16 are exactly the single process's batch of 32.
+    trainer.fit(module, datamodule=dm)
+    if trainer.is_global_zero:
+        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean gloo shutdown (else: abort at exit)
+    """
+)
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    # Same global batch, same shuffled order: the DataModule's sampler shards one permutation.
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": "29517"}
+    for mode in ("single", "ddp"):
+        proc = subprocess.run([sys.executable, str(script), mode, str(tmp_path / f"{mode}.pt")], env=env, capture_output=True, text=True, timeout=500)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert single.keys() == ddp.keys()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=0, msg=k)
+    assert any(not torch.equal(single[k], torch.zeros_like(single[k])) for k in single)
+
+
+def _resume_config(tmp_path: Path, name: str) -> Path:
+    cfg = yaml.safe_load((REPO / "configs/digits/mdeq_digits.yaml").read_text())
+    cfg["trainer"].update({"max_epochs": 6, "logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path / name)})
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    cfg["model"]["init_args"]["backbone_kwargs"] = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}
+    cfg["model"]["init_args"]["jacobian_weight"] = 0.5  # random probes: resumption must restore the RNG
+    cfg["model"]["init_args"]["jacobian_probability"] = 0.5
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _fit(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "mdeq.cli", "fit", "--config", str(config), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    ref = _fit(_resume_config(tmp_path, "reference"))
+    assert ref.wait(timeout=500) == 0, ref.stderr.read()[-2000:]
+
+    cfg = _resume_config(tmp_path, "killed")
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    proc = _fit(cfg)
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.4)  # now inside the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    epoch_at_kill = torch.load(last, weights_only=False)["epoch"]
+    assert epoch_at_kill < 5
+
+    resumed = _fit(cfg, "--ckpt_path", "last")
+    assert resumed.wait(timeout=500) == 0, resumed.stderr.read()[-2000:]
+    a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert a["epoch"] == b["epoch"] == 5 and a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)

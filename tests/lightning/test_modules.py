@@ -1,0 +1,95 @@
+"""The LightningModules: logging, DEQ recipes, solver budgets, the regression toy."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from mdeq.lightning import ClassificationModule, LinearToyDataModule, RegressionModule, SyntheticDataModule
+from mdeq.lightning.recipes import JacobianSchedule, build_scheduler
+
+
+def trainer(**kw):
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    return pl.Trainer(**{**base, **kw})
+
+
+def small_mdeq(**kw):
+    args = dict(channels=[8, 8], expansion=2, num_groups=4, head_channels=[2, 4], final_channels=16)
+    return dict(backbone="mdeq_digits", backbone_kwargs=args, **kw)
+
+
+def test_training_logs_solver_statistics():
+    pl.seed_everything(0)
+    module = ClassificationModule(**small_mdeq(jacobian_weight=0.5))
+    t = trainer(max_steps=3, limit_val_batches=1, val_check_interval=3)
+    t.fit(module, datamodule=SyntheticDataModule(batch_size=16))
+    logged = t.callback_metrics
+    for key in ("train/loss", "train/acc", "train/top5", "train/nfe", "train/residual_mean", "train/residual_max", "train/converged_fraction", "train/jacobian_loss", "train/backward_nfe", "val/acc", "val/nfe"):
+        assert key in logged, key
+    assert float(logged["train/nfe"]) >= 1
+
+
+def test_pretraining_then_solver_and_budgets():
+    module = ClassificationModule(**small_mdeq(pretrain_steps=2, pretrain_unroll=3, train_max_steps=5, eval_max_steps=11))
+    seen = []
+    original = module.run_backbone
+
+    def spy(x, training):
+        out = original(x, training)
+        seen.append((training, out[1].solver, module.deqs[0].max_steps))
+        return out
+
+    module.run_backbone = spy
+    t = trainer(max_steps=4, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=4)
+    t.fit(module, datamodule=SyntheticDataModule(batch_size=8))
+    train = [s for s in seen if s[0]]
+    assert [s[1] for s in train] == ["unrolled(3)", "unrolled(3)", "anderson", "anderson"]
+    assert all(s[2] == 5 for s in train)
+    assert all(s[2] == 11 for s in seen if not s[0])
+
+
+def test_jacobian_schedule():
+    s = JacobianSchedule(weight=2.0, start_weight=0.0, warmup_steps=10, probability=0.5, seed=1)
+    assert s.weight_at(0) == 0.0 and s.weight_at(5) == 1.0 and s.weight_at(50) == 2.0
+    draws = [s.active(k) for k in range(10, 210)]
+    assert 60 < sum(draws) < 140
+    assert draws == [s.active(k) for k in range(10, 210)]  # seeded per step
+    with pytest.raises(ValueError, match="jacobian_probability"):
+        JacobianSchedule(weight=1.0, probability=1.5)
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, "cosine", warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.25 and lrs[3] == 1.0 and lrs[-1] < 0.05
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        build_scheduler(opt, "cosin", 0, 1)
+
+
+def test_bad_module_options_are_clear():
+    with pytest.raises(ValueError, match="unknown model 'mdeq_tiniest'.*Did you mean"):
+        ClassificationModule(backbone="mdeq_tiniest")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        ClassificationModule(**small_mdeq(optimizer="adamax"))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'chanels'"):
+        ClassificationModule(backbone="mdeq_digits", backbone_kwargs={"chanels": [8, 8]})
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        ClassificationModule(backbone="mdeq_digits", pretrained=True)
+
+
+def test_regression_toy_through_lightning():
+    pl.seed_everything(0)
+    module = RegressionModule(backbone="deq_toy_regressor", lr=0.05, scheduler="constant")
+    t = trainer(max_epochs=500, num_sanity_val_steps=0, check_val_every_n_epoch=500)
+    t.fit(module, datamodule=LinearToyDataModule())
+    module.eval()
+    with torch.no_grad():
+        pred = module(torch.tensor([[-5.0]]))
+    assert abs(float(pred) + 10.0) < 0.05, float(pred)
