@@ -148,6 +148,28 @@ class DEQLightningModule(pl.LightningModule):
             self.log_dict(values, on_step=True, on_epoch=False)
         self._last_solution = None
 
+    # ---- steps: subclasses implement _step(batch, split) -> (loss, solution) ----------------------
+    def _step(self, batch: Any, split: str) -> tuple[Tensor, DEQSolution]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._enter(training=False)
+        return self.backbone(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, sol = self._step(batch, "train")
+        self._last_solution = sol
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
     # ---- optimisation and state --------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         opt = build_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay, self.momentum)
@@ -181,10 +203,6 @@ class ClassificationModule(DEQLightningModule):
             if num_classes > 5:
                 self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._enter(training=False)
-        return self.backbone(x)
-
     def _step(self, batch: Any, split: str) -> tuple[Tensor, DEQSolution]:
         x, y = batch
         logits, sol = self.run_backbone(x, training=split == "train")
@@ -202,17 +220,6 @@ class ClassificationModule(DEQLightningModule):
         self.log_solution(sol, split, len(y))
         return loss, sol
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, sol = self._step(batch, "train")
-        self._last_solution = sol
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(-1)
+        """Class probabilities."""
+        return super().predict_step(batch, batch_idx).softmax(-1)

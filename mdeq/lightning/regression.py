@@ -7,6 +7,7 @@ from typing import Any, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdeq.core.solution import DEQSolution
 from mdeq.lightning.classification import DEQLightningModule
 
 
@@ -17,30 +18,12 @@ class RegressionModule(DEQLightningModule):
     def __init__(self, backbone: Union[str, nn.Module] = "deq_toy_regressor", **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._enter(training=False)
-        return self.backbone(x)
-
-    def _step(self, batch: Any, split: str) -> Tensor:
+    def _step(self, batch: Any, split: str) -> tuple[Tensor, DEQSolution]:
         x, y = batch
         pred, sol = self.run_backbone(x, training=split == "train")
         mse = F.mse_loss(pred, y)
         loss = self.regularized(mse, sol, split) if split == "train" else mse
-        self.log_dict({f"{split}/loss": loss.detach(), f"{split}/mae": (pred - y).abs().mean().detach()}, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=len(y))
+        metrics = {f"{split}/loss": loss.detach(), f"{split}/mae": (pred - y).abs().mean().detach()}
+        self.log_dict(metrics, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log_solution(sol, split, len(y))
-        if split == "train":
-            self._last_solution = sol
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x)
+        return loss, sol
