@@ -1,5 +1,6 @@
 """Lightning integration: LightningModules, DataModules, loggers (the core knows nothing of it)."""
 
+from mdeq.lightning.callbacks import ResidualPlotCallback, residual_figure
 from mdeq.lightning.classification import ClassificationModule, DEQLightningModule, build_backbone
 from mdeq.lightning.data import (
     CIFAR10DataModule,
@@ -26,7 +27,9 @@ __all__ = [
     "LinearToyDataModule",
     "MNISTDataModule",
     "RegressionModule",
+    "ResidualPlotCallback",
     "SyntheticDataModule",
     "build_backbone",
+    "residual_figure",
     "wandb_key_available",
 ]

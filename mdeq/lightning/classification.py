@@ -133,7 +133,8 @@ class DEQLightningModule(pl.LightningModule):
             values[f"{prefix}/jacobian_loss"] = solution.jacobian_loss.detach()
         if solution.skip_loss is not None:
             values[f"{prefix}/skip_loss"] = solution.skip_loss.detach()
-        self.log_dict(values, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        # evaluation metrics are averaged over processes (epoch-level only: no per-step sync)
+        self.log_dict(values, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         optimizers = self.trainer.optimizers if self._trainer is not None else []
@@ -216,7 +217,7 @@ class ClassificationModule(DEQLightningModule):
         if f"{split}_top5" in self.metrics:
             self.metrics[f"{split}_top5"](logits.detach(), y)
             metrics[f"{split}/top5"] = self.metrics[f"{split}_top5"]
-        self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
         self.log_solution(sol, split, len(y))
         return loss, sol
 

@@ -68,5 +68,5 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
     runs = glob.glob("runs/digits/mdeq_digits/wandb/offline-run-*/run-*.wandb")
     assert len(runs) == 1, runs
     data = Path(runs[0]).read_bytes()
-    for key in (b"train/loss", b"train/nfe", b"train/residual_mean", b"train/backward_nfe", b"val/acc", b"val/converged_fraction", b"mdeq_digits"):
+    for key in (b"train/loss", b"train/nfe", b"train/residual_mean", b"train/backward_nfe", b"val/acc", b"val/converged_fraction", b"mdeq_digits", b"residual_trace"):
         assert key in data, key

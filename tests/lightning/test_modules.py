@@ -93,3 +93,15 @@ def test_regression_toy_through_lightning():
     with torch.no_grad():
         pred = module(torch.tensor([[-5.0]]))
     assert abs(float(pred) + 10.0) < 0.05, float(pred)
+
+
+def test_residual_figure_without_a_logger_is_saved_as_png(tmp_path):
+    from mdeq.lightning import ResidualPlotCallback
+
+    pl.seed_everything(0)
+    module = ClassificationModule(**small_mdeq())
+    t = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0, callbacks=[ResidualPlotCallback()], default_root_dir=str(tmp_path))
+    t.fit(module, datamodule=SyntheticDataModule(batch_size=8))
+    pngs = list(tmp_path.rglob("residual_traces/*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 5000
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.parameters())

@@ -1,0 +1,106 @@
+"""Callbacks: a figure of relative residual vs iteration (forward and backward) per validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from mdeq.core.solution import DEQSolution
+
+
+def residual_figure(forward: Tensor, backward: Tensor | None, title: str = "") -> Any:
+    """Median and 10-90% band of the per-sample relative residual per iteration (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (name, trace) in zip(axes[0], panels):
+        t = trace.detach().float().cpu().clamp_min(1e-12)
+        steps = torch.arange(1, t.shape[0] + 1)
+        q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9]), dim=1)
+        ax.fill_between(steps, q[0], q[2], alpha=0.3, label="10-90% of samples")
+        ax.plot(steps, q[1], label="median")
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("relative residual")
+        ax.set_title(f"{name} solve")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class ResidualPlotCallback(pl.Callback):
+    """At each validation end, re-solves the first validation batch with traces on, runs the
+    implicit backward (gradient with respect to the input only: parameters are untouched) and
+    logs a residual-vs-iteration figure to W&B or TensorBoard, or saves a PNG beside the logs."""
+
+    def __init__(self, every_n_epochs: int = 1, max_samples: int = 64) -> None:
+        super().__init__()
+        self.every_n_epochs, self.max_samples = every_n_epochs, max_samples
+        self._batch: Any = None
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0:
+            self._batch = batch
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batch is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if trainer.current_epoch % self.every_n_epochs:
+            return
+        x = self._batch[0] if isinstance(self._batch, (tuple, list)) else self._batch
+        solution = self.traced_solution(pl_module, x[: self.max_samples])
+        if solution is None or solution.trace is None:
+            return
+        bw = solution.backward.trace if solution.backward is not None else None
+        fig = residual_figure(solution.trace, bw, title=f"epoch {trainer.current_epoch}")
+        self._emit(trainer, fig)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    @staticmethod
+    def traced_solution(pl_module: Any, x: Tensor) -> DEQSolution | None:
+        deqs = getattr(pl_module, "deqs", [])
+        if not deqs:
+            return None
+        saved = [d.record_trace for d in deqs]
+        for d in deqs:
+            d.record_trace = True
+        try:
+            with torch.enable_grad():
+                pl_module._enter(training=False)
+                xi = x.detach().clone().requires_grad_()
+                out, solution = pl_module.backbone(xi, return_solution=True)
+                torch.autograd.grad(out.float().pow(2).sum(), xi, allow_unused=True)
+        finally:
+            for d, s in zip(deqs, saved):
+                d.record_trace = s
+        return solution
+
+    @staticmethod
+    def _emit(trainer: pl.Trainer, fig: Any) -> None:
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            name = type(logger).__name__
+            if "Wandb" in name:
+                import wandb
+
+                logger.experiment.log({"residual_trace": wandb.Image(fig), "trainer/global_step": step})
+                return
+            if "TensorBoard" in name:
+                logger.experiment.add_figure("residual_trace", fig, global_step=step)
+                return
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "residual_traces"
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / f"epoch{trainer.current_epoch:03d}.png", dpi=100)
