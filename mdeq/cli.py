@@ -75,7 +75,10 @@ def _lightning_cli(argv: list[str]) -> None:
     finally:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()  # flush the run (offline runs are complete on disk afterwards)
+            wandb.finish()
+            teardown = getattr(wandb, "teardown", None)
+            if teardown is not None:
+                teardown()  # waits for the wandb service to write the run: complete on disk on return
 
 
 def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:
