@@ -6,6 +6,7 @@ from mdeq.core.solvers.broyden import Broyden
 from mdeq.core.solvers.fixed_point import FixedPoint
 from mdeq.core.solvers.gmres import gmres
 from mdeq.core.solvers.newton_krylov import NewtonKrylov
+from mdeq.core.solvers.ode import ODESteadyState
 from mdeq.core.solvers.registry import SolverSpec, get_solver, list_solvers, register_solver
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ConvergenceTracker",
     "FixedPoint",
     "NewtonKrylov",
+    "ODESteadyState",
     "Solver",
     "SolverResult",
     "SolverSpec",

@@ -128,6 +128,7 @@ class ConvergenceTracker:
         self.diverged = torch.zeros(b, dtype=torch.bool, device=dev)
         self.nonfinite_at_start = torch.zeros(b, dtype=torch.bool, device=dev)
         self.active = torch.ones(b, dtype=torch.bool, device=dev)
+        self.stopped = torch.zeros(b, dtype=torch.bool, device=dev)  # given up by the solver
         self.trace: list[Tensor] | None = [] if record_trace else None
         self.step = 0
 
@@ -154,19 +155,27 @@ class ConvergenceTracker:
         blew_up = abs_r > self.divergence_factor * self.first_abs
         self.diverged = self.diverged | (active & (~finite | blew_up))
         self.converged = self.converged | (active & finite & (r <= self.tol))
-        self.active = ~(self.converged | self.diverged)
+        self.active = ~(self.converged | self.diverged | self.stopped)
         if self.trace is not None:
             self.trace.append(r.detach())
         self.step += 1
         return self.active
 
-    def next_iterate(self, proposed: Tensor, z: Tensor, fz: Tensor) -> Tensor:
+    def next_iterate(self, proposed: Tensor, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
         """Freeze stopped samples, reset diverged ones to their best iterate, and replace a
-        non-finite proposal (e.g. a singular extrapolation) by a plain fixed-point step."""
-        proposal_ok = torch.isfinite(proposed).all(dim=1, keepdim=True)
-        proposed = torch.where(proposal_ok, proposed, fz)
+        non-finite proposal (e.g. a singular extrapolation) by a plain fixed-point step.
+
+        Returns the next iterate and the mask of samples that took the solver's proposal."""
+        proposal_ok = torch.isfinite(proposed).all(dim=1)
+        took = self.active & proposal_ok & ~self.diverged
+        proposed = torch.where(proposal_ok[:, None], proposed, fz)
         nxt = torch.where(self.active[:, None], proposed, z)
-        return torch.where(self.diverged[:, None], self.best_z, nxt)
+        return torch.where(self.diverged[:, None], self.best_z, nxt), took
+
+    def give_up(self, mask: Tensor) -> None:
+        """Stop samples the solver cannot continue (e.g. an ODE solve reached its end time)."""
+        self.stopped = self.stopped | (mask & self.active)
+        self.active = self.active & ~mask
 
     def result(self, nfe: int) -> SolverResult:
         trace = torch.stack(self.trace) if self.trace else None
@@ -208,6 +217,15 @@ class Solver:
         """
         raise NotImplementedError
 
+    def proposal_fz(self, state: Any) -> Tensor | None:
+        """f at the last proposed iterate, when the step already computed it (FSAL). Samples
+        that did not take the proposal keep their current f(z). Default: none."""
+        return None
+
+    def exhausted(self, state: Any) -> Tensor | None:
+        """Per-sample mask of samples the solver cannot continue (default: none)."""
+        return None
+
     def options(self) -> dict[str, Any]:
         """The solver's options as a dict (for logging and model cards)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -232,16 +250,24 @@ class Solver:
         )
         stop = _StopCheck(z0.device)
         state = self.init_state(z0)
-        z = z0
+        z, fz = z0, None
         for k in range(max_steps):
-            fz = counted(z)
-            if fz.shape != z.shape:
-                raise ValueError(f"the map returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}")
+            if fz is None:
+                fz = counted(z)
+                if fz.shape != z.shape:
+                    raise ValueError(f"the map returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}")
             active = tracker.observe(z, fz)
             if k == max_steps - 1 or stop.all_stopped(active):
                 break
             proposed = self.step(state, z, fz, counted, jvp)
-            z = tracker.next_iterate(proposed, z, fz)
+            z, took = tracker.next_iterate(proposed, z, fz)
+            cached = self.proposal_fz(state)
+            # Reuse f at the proposal where it was taken; frozen samples keep their f(z). (Diverged
+            # samples, reset to their best iterate, are inactive: their stale f(z) is never used.)
+            fz = None if cached is None else torch.where(took[:, None], cached, fz)
+            gave_up = self.exhausted(state)
+            if gave_up is not None:
+                tracker.give_up(gave_up)
         return tracker.result(counted.nfe)
 
 
