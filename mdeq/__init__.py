@@ -16,6 +16,7 @@ from mdeq.core import (
     HigherOrderGradientError,
     ImplicitBackward,
     JacobianRegularization,
+    FallbackChain,
     NewtonKrylov,
     ODESteadyState,
     PhantomBackward,
@@ -28,7 +29,8 @@ from mdeq.core import (
     register_solver,
     solve_equilibrium,
 )
-from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleSkipDEQ, SkipDEQ, TanhCell
+from mdeq.diagnose import Diagnosis, diagnose
+from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleSkipDEQ, SkipDEQ, TanhCell, Tempered
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,8 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "DEQSolution",
+    "Diagnosis",
+    "FallbackChain",
     "FixedPoint",
     "HigherOrderGradientError",
     "ImplicitBackward",
@@ -53,7 +57,9 @@ __all__ = [
     "SkipDEQ",
     "Solver",
     "TanhCell",
+    "Tempered",
     "UnrolledBackward",
+    "diagnose",
     "get_backward",
     "get_solver",
     "list_backwards",

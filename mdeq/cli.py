@@ -24,6 +24,7 @@ def overview() -> str:
         "mdeq: deep equilibrium models for PyTorch",
         "",
         "usage: mdeq {fit,validate,test,predict} --config configs/<task>/<model>.yaml [--key value ...]",
+        "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
         "       mdeq demo | mdeq solvers | mdeq models",
         "",
         "tasks and configs:",
@@ -100,6 +101,79 @@ def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:
     return "RESULT: " + "; ".join(parts)
 
 
+def _input_shape(model: object) -> tuple[int, ...]:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "in_channels"):
+        return (cfg.in_channels, *cfg.image_size)
+    if hasattr(model, "in_channels") and hasattr(model, "image_size"):
+        return (model.in_channels, model.image_size, model.image_size)  # type: ignore[attr-defined]
+    return (1,)
+
+
+def _from_config(path: str, overrides: list[str]) -> tuple[object, object]:
+    """The backbone and one training batch of a config (nothing is trained)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    from mdeq.lightning.classification import DEQLightningModule
+
+    cli = LightningCLI(
+        DEQLightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", path, "--trainer.logger", "false", *overrides],
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
+    dm = cli.datamodule
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    return cli.model.backbone, batch
+
+
+def doctor(argv: list[str]) -> int:
+    """``mdeq doctor``: diagnose a model's DEQ layer on a batch and recommend changes."""
+    import argparse
+
+    import torch
+
+    import zoo
+    from mdeq.diagnose import diagnose
+
+    p = argparse.ArgumentParser(prog="mdeq doctor", description="Why does a DEQ (not) converge, and what should change?")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a zoo model name (random batch of its input shape)")
+    src.add_argument("--config", help="a training config: its model and one real training batch")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape for --model (default: the model's)")
+    p.add_argument("--layer", help="name of the DEQ layer (default: the first)")
+    p.add_argument("--mode", choices=["train", "eval"], default="train", help="model mode (default train: as in training)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", default="doctor.png", help="PNG of residual vs iteration per solver ('' for none)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    a, rest = p.parse_known_args(argv)
+    torch.manual_seed(a.seed)
+    if a.model:
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        model = zoo.create(a.model)
+        shape = tuple(a.input_shape) if a.input_shape else _input_shape(model)
+        batch = torch.randn(a.batch_size, *shape)
+    else:
+        model, batch = _from_config(a.config, rest)
+    model.train(a.mode == "train")
+    diag = diagnose(model, batch, layer=a.layer, seed=a.seed)
+    print(diag.to_json() if a.json else diag.table())
+    if a.figure:
+        fig = diag.figure()
+        fig.savefig(a.figure, dpi=100)
+        if not a.json:
+            print(f"\nfigure: {a.figure}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mdeq`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -125,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print("solvers:  " + ", ".join(list_solvers()))
         print("backward: " + ", ".join(list_backwards()))
         return 0
+    if argv[0] == "doctor":
+        return doctor(argv[1:])
     if argv[0] == "models":
         import zoo
 

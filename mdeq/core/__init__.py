@@ -16,6 +16,7 @@ from mdeq.core.solution import BackwardStats, DEQSolution
 from mdeq.core.solvers import (
     Anderson,
     Broyden,
+    FallbackChain,
     FixedPoint,
     NewtonKrylov,
     ODESteadyState,
@@ -35,6 +36,7 @@ __all__ = [
     "ConvergenceWarning",
     "DEQSolution",
     "EquilibriumResult",
+    "FallbackChain",
     "FixedPoint",
     "HigherOrderGradientError",
     "ImplicitBackward",

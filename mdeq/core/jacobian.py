@@ -95,3 +95,64 @@ def jacobian_frobenius(
             raise ValueError(f"unknown Jacobian backend {backend!r}; choose from {BACKENDS}")
         total = total + prod.pow(2).sum(dim=1).mean() / dim
     return total / n_probes
+
+
+def jvp_fn(f: Callable[[Tensor], Tensor], z: Tensor) -> Callable[[Tensor], Tensor]:
+    """v -> (df/dz at z) v, by forward-mode AD (finite differences if f has no forward rule)."""
+    fz = f(z)
+    state = {"forward_ad": True}
+
+    def jvp(v: Tensor) -> Tensor:
+        if state["forward_ad"]:
+            try:
+                with fwAD.dual_level():
+                    out = fwAD.unpack_dual(f(fwAD.make_dual(z, v))).tangent
+                return torch.zeros_like(z) if out is None else out
+            except (NotImplementedError, RuntimeError):
+                state["forward_ad"] = False
+        vn = torch.linalg.vector_norm(v, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        h = torch.finfo(z.dtype).eps ** 0.5 * (1.0 + torch.linalg.vector_norm(z, dim=1)) / vn
+        return (f(z + h[:, None] * v) - fz) / h[:, None]
+
+    return jvp
+
+
+def jacobian_eigenvalues(f: Callable[[Tensor], Tensor], z: Tensor, k: int = 20, seed: int = 0) -> Tensor:
+    """Ritz values of df/dz at ``z`` per sample: ``k`` steps of batched Arnoldi on
+    Jacobian-vector products. Returns a complex tensor (batch, k') with k' <= k; the extremal
+    eigenvalues (largest modulus, rightmost real part) are the first to be resolved, and with
+    k >= dim the values are exact up to rounding."""
+    with torch.no_grad():
+        jvp = jvp_fn(f, z)
+        b, d = z.shape
+        k = min(k, d)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(b, d, generator=g, dtype=z.dtype).to(z.device)
+        basis = [v / torch.linalg.vector_norm(v, dim=1, keepdim=True)]
+        h = torch.zeros(b, k + 1, k, dtype=z.dtype, device=z.device)
+        steps = 0
+        for j in range(k):
+            w = jvp(basis[j])
+            for i, q in enumerate(basis):
+                hij = (w * q).sum(dim=1)
+                h[:, i, j] = hij
+                w = w - hij[:, None] * q
+            for i, q in enumerate(basis):  # re-orthogonalise: keeps the small Hessenberg honest
+                c = (w * q).sum(dim=1)
+                h[:, i, j] += c
+                w = w - c[:, None] * q
+            norm = torch.linalg.vector_norm(w, dim=1)
+            h[:, j + 1, j] = norm
+            steps = j + 1
+            if bool((norm <= 1e-10 * h[:, : j + 1, : j + 1].abs().amax(dim=(1, 2)).clamp_min(1e-30)).all()):
+                break
+            basis.append(w / norm.clamp_min(torch.finfo(z.dtype).tiny)[:, None])
+        return torch.linalg.eigvals(h[:, :steps, :steps])
+
+
+def spectral_summary(f: Callable[[Tensor], Tensor], z: Tensor, k: int = 20) -> tuple[Tensor, Tensor]:
+    """Per-sample estimates of the spectral radius of df/dz (iteration is locally stable when
+    < 1) and of the largest real part of its eigenvalues (the flow dz/dt = f(z) - z is locally
+    stable when < 1)."""
+    ev = jacobian_eigenvalues(f, z, k)
+    return ev.abs().amax(dim=1), ev.real.amax(dim=1)

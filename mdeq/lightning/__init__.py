@@ -1,6 +1,7 @@
 """Lightning integration: LightningModules, DataModules, loggers (the core knows nothing of it)."""
 
-from mdeq.lightning.callbacks import ResidualPlotCallback, residual_figure
+from mdeq.lightning.callbacks import ResidualPlotCallback
+from mdeq.plots import residual_figure
 from mdeq.lightning.classification import ClassificationModule, DEQLightningModule, build_backbone
 from mdeq.lightning.data import (
     CIFAR10DataModule,

@@ -10,33 +10,7 @@ import torch
 from torch import Tensor
 
 from mdeq.core.solution import DEQSolution
-
-
-def residual_figure(forward: Tensor, backward: Tensor | None, title: str = "") -> Any:
-    """Median and 10-90% band of the per-sample relative residual per iteration (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    panels = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (name, trace) in zip(axes[0], panels):
-        t = trace.detach().float().cpu().clamp_min(1e-12)
-        steps = torch.arange(1, t.shape[0] + 1)
-        q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9]), dim=1)
-        ax.fill_between(steps, q[0], q[2], alpha=0.3, label="10-90% of samples")
-        ax.plot(steps, q[1], label="median")
-        ax.set_yscale("log")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("relative residual")
-        ax.set_title(f"{name} solve")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+from mdeq.plots import residual_figure
 
 
 class ResidualPlotCallback(pl.Callback):

@@ -1,6 +1,6 @@
 """DEQ layers and cells (plain nn.Modules)."""
 
-from mdeq.nn.cells import ConvResidualCell, TanhCell
+from mdeq.nn.cells import ConvResidualCell, TanhCell, Tempered
 from mdeq.nn.deq import DEQ, SkipDEQ, check_cell_signature
 from mdeq.nn.multiscale import MultiScaleDEQ, MultiScaleInit, MultiScaleMap, MultiScaleSkipDEQ, NoConnection
 
@@ -14,5 +14,6 @@ __all__ = [
     "NoConnection",
     "SkipDEQ",
     "TanhCell",
+    "Tempered",
     "check_cell_signature",
 ]

@@ -49,3 +49,25 @@ class ConvResidualCell(nn.Module):
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         y = self.norm1(F.relu(self.conv1(z)))
         return self.norm3(F.relu(z + self.norm2(x + self.conv2(y))))
+
+
+class Tempered(nn.Module):
+    """``scale * f(z, x)``: scales the Jacobian df/dz by ``scale`` (the forum's "f / 100" fix for
+    a DEQ that does not converge at initialisation). The scale is a fixed number, not trained;
+    training recovers the output scale through f's own weights."""
+
+    def __init__(self, f: nn.Module, scale: float) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"Tempered needs a positive scale, got {scale}")
+        self.f = f
+        self.scale = float(scale)
+
+    def forward(self, z, x):  # type: ignore[no-untyped-def]
+        out = self.f(z, x)
+        if isinstance(out, tuple):
+            return tuple(self.scale * o for o in out)
+        return self.scale * out
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"

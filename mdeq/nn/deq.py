@@ -207,13 +207,9 @@ class DEQ(nn.Module):
         parts = tuple(ref.new_zeros((ref.shape[0], *s)) for s in self.state_packer.shapes)
         return parts if self.state_packer.is_tuple else parts[0]
 
-    def forward(self, x: Any, z0: State | None = None, *, unroll: int | None = None) -> tuple[State, DEQSolution]:
-        """Solve for the equilibrium of ``f(., x)``; return ``(z_star, solution)``.
-
-        ``z0`` overrides the initial guess (warm start). ``unroll=N`` skips the solver and
-        backpropagates through N weight-tied applications of f instead (MDEQ's "pretraining"
-        phase); the solution still reports the residual reached.
-        """
+    def flat_problem(self, x: Any, z0: State | None = None) -> tuple[Callable[[Tensor], Tensor], Tensor, StatePacker, State]:
+        """The problem this layer solves for input ``x``, on flat states: ``(f_flat, z0_flat,
+        packer, z0)`` with f_flat(z) = pack(f(unpack(z), x)). Validates x and z0."""
         self._check_x(x)
         if z0 is None:
             z0 = self.initial_state(x)
@@ -224,6 +220,17 @@ class DEQ(nn.Module):
 
         def f_flat(z: Tensor) -> Tensor:
             return packer.pack(f(packer.unpack(z), x), "the output of f(z, x)")
+
+        return f_flat, z0_flat, packer, z0
+
+    def forward(self, x: Any, z0: State | None = None, *, unroll: int | None = None) -> tuple[State, DEQSolution]:
+        """Solve for the equilibrium of ``f(., x)``; return ``(z_star, solution)``.
+
+        ``z0`` overrides the initial guess (warm start). ``unroll=N`` skips the solver and
+        backpropagates through N weight-tied applications of f instead (MDEQ's "pretraining"
+        phase); the solution still reports the residual reached.
+        """
+        f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0)
 
         use_jr = self.jacobian_regularization is not None and self.training
         if unroll is not None:

@@ -3,6 +3,7 @@
 from mdeq.core.solvers.anderson import Anderson
 from mdeq.core.solvers.base import ConvergenceTracker, Solver, SolverResult
 from mdeq.core.solvers.broyden import Broyden
+from mdeq.core.solvers.fallback import FallbackChain
 from mdeq.core.solvers.fixed_point import FixedPoint
 from mdeq.core.solvers.gmres import gmres
 from mdeq.core.solvers.newton_krylov import NewtonKrylov
@@ -13,6 +14,7 @@ __all__ = [
     "Anderson",
     "Broyden",
     "ConvergenceTracker",
+    "FallbackChain",
     "FixedPoint",
     "NewtonKrylov",
     "ODESteadyState",

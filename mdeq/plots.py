@@ -1,0 +1,62 @@
+"""Residual-vs-iteration figures (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _band(ax: Any, trace: Tensor, label: str | None = None) -> None:
+    t = trace.detach().float().cpu().clamp_min(1e-12)
+    steps = torch.arange(1, t.shape[0] + 1)
+    q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9]), dim=1)
+    line = ax.plot(steps, q[1], label=f"{label} (median)" if label else "median")[0]
+    ax.fill_between(steps, q[0], q[2], alpha=0.2, color=line.get_color(), label=None if label else "10-90% of samples")
+
+
+def residual_figure(forward: Tensor, backward: Tensor | None, title: str = "") -> Any:
+    """Median and 10-90% band of the per-sample relative residual per iteration (log scale)."""
+    plt = _pyplot()
+    panels = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (name, trace) in zip(axes[0], panels):
+        _band(ax, trace)
+        _style(ax, f"{name} solve")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def solver_comparison_figure(forward: Mapping[str, Tensor], backward: Mapping[str, Tensor], title: str = "") -> Any:
+    """One line (median, with a 10-90% band) per solver, forward and backward panels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
+    for ax, (name, traces) in zip(axes[0], (("forward", forward), ("backward", backward))):
+        for solver, trace in traces.items():
+            _band(ax, trace, solver)
+        _style(ax, f"{name} solve")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _style(ax: Any, title: str) -> None:
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("relative residual")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)

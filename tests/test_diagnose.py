@@ -1,0 +1,146 @@
+"""The convergence doctor: spectrum estimates, the forum case end to end, the CLI, fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mdeq
+from mdeq import DEQ, FallbackChain, Tempered, get_solver
+from mdeq.cli import main
+from mdeq.core.jacobian import jacobian_eigenvalues, spectral_summary
+
+
+def test_spectral_estimates_match_exact_eigenvalues_of_a_linear_map():
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    exact = torch.linalg.eigvals(a)
+    rho, right = spectral_summary(lambda z: z @ a.T + 1.0, torch.randn(3, 6, dtype=torch.float64), k=20)
+    torch.testing.assert_close(rho, torch.full((3,), float(exact.abs().max()), dtype=torch.float64))
+    torch.testing.assert_close(right, torch.full((3,), float(exact.real.max()), dtype=torch.float64))
+    ritz = jacobian_eigenvalues(lambda z: z @ a.T, torch.randn(1, 6, dtype=torch.float64), k=6)[0]
+    assert torch.allclose(torch.sort(ritz.abs()).values, torch.sort(exact.abs()).values)
+
+
+def test_spectral_radius_of_a_large_map_from_few_krylov_steps():
+    torch.manual_seed(1)
+    w = torch.randn(200, 200, dtype=torch.float64) / 200**0.5 * 0.8
+    exact = float(torch.linalg.eigvals(w).abs().max())
+    rho, _ = spectral_summary(lambda z: torch.tanh(z @ w.T) * 0 + z @ w.T, torch.zeros(2, 200, dtype=torch.float64), k=40)
+    assert abs(float(rho.max()) - exact) / exact < 0.05
+
+
+class ForumCell(nn.Module):
+    """f(z, x) = Dense(2,1)(Dense(1,2)(z + x)) with Flux's default Glorot-uniform init."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(1, 2), nn.Linear(2, 1)
+        nn.init.xavier_uniform_(self.inner.weight)
+        nn.init.xavier_uniform_(self.outer.weight)
+
+    def forward(self, z, x):
+        return self.outer(self.inner(z + x))
+
+
+def test_the_forum_case_diagnosed_fixed_and_trained():
+    torch.manual_seed(8)  # a seed where the map's gain is 1.73: plain iteration diverges
+    deq = DEQ(ForumCell(), solver="fixed_point", tol=1e-6, max_steps=100, on_divergence="ignore").double()
+    x = torch.arange(1.0, 11.0, dtype=torch.float64)[:, None]
+    diag = mdeq.diagnose(deq, x)
+    assert not diag.converged
+    assert diag.spectral_radius >= 1.0 and not diag.iteration_stable
+    top = diag.recommendations[0]
+    assert "Temper" in top.title and top.apply is not None
+    text = diag.table()
+    assert "NOT locally stable" in text and "Temper f" in text
+    top.apply(deq)
+    assert isinstance(deq.f, Tempered)
+    _, sol = deq(x)
+    assert sol.all_converged
+    # ... and the tempered model trains: y = 2x, then predicts about -10 at x = -5
+    deq.on_divergence = "raise"
+    opt = torch.optim.Adam(deq.parameters(), lr=0.02)
+    for _ in range(1000):
+        z, _ = deq(x)
+        loss = (z - 2 * x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred, sol = deq(torch.tensor([[-5.0]], dtype=torch.float64))
+    assert sol.all_converged and abs(float(pred) + 10.0) < 0.1, float(pred)
+    assert mdeq.diagnose(deq, x).iteration_stable
+
+
+def test_flow_stable_map_gets_the_ode_recommendation_with_evidence():
+    deq = DEQ(lambda z, x: -1.5 * z + x, solver="fixed_point", tol=1e-6, max_steps=60, on_divergence="ignore")
+    diag = mdeq.diagnose(deq, torch.randn(4, 3, dtype=torch.float64))
+    assert abs(diag.spectral_radius - 1.5) < 1e-6 and abs(diag.rightmost_real + 1.5) < 1e-6
+    assert diag.flow_stable and not diag.iteration_stable
+    titles = [r.title for r in diag.recommendations]
+    assert any("solver='ode'" in t for t in titles) and any("damping" in t for t in titles)
+    ode = next(t for t in diag.trials if t.solver == "ode")
+    assert ode.converged_fraction == 1.0
+    damp = next(r for r in diag.recommendations if "damping" in r.title)
+    damp.apply(deq)
+    _, sol = deq(torch.randn(4, 3, dtype=torch.float64))
+    assert sol.all_converged
+
+
+def test_budget_too_small_recommends_more_steps():
+    from mdeq import TanhCell
+
+    torch.manual_seed(0)
+    deq = DEQ(TanhCell(8, 3, weight_scale=1.5), solver="fixed_point", tol=1e-8, max_steps=12, state_shape=(8,), on_divergence="ignore").double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    diag = mdeq.diagnose(deq, x)
+    assert diag.iteration_stable and not diag.converged  # contractive (rho ~0.76), budget too small
+    rec = next(r for r in diag.recommendations if "max_steps" in r.title)
+    rec.apply(deq)
+    assert deq.max_steps > 12
+    _, sol = deq(x)
+    assert sol.all_converged
+
+
+def test_diagnose_finds_the_layer_inside_a_model_and_reports_json():
+    from mdeq.models import mdeq_digits
+
+    model = mdeq_digits().train()
+    diag = mdeq.diagnose(model, torch.randn(4, 1, 8, 8))
+    d = json.loads(diag.to_json())
+    assert d["layer"] == "deq" and d["batch_size"] == 4 and len(d["trials"]) >= 4
+    assert {"spectral_radius", "rightmost_real", "iteration_stable", "flow_stable", "recommendations"} <= set(d)
+    with pytest.raises(ValueError, match="no DEQ layer named 'dq'"):
+        mdeq.diagnose(model, torch.randn(2, 1, 8, 8), layer="dq")
+    with pytest.raises(ValueError, match="contains no DEQ layer"):
+        mdeq.diagnose(nn.Linear(2, 2), torch.randn(2, 2))
+
+
+def test_doctor_cli_by_model_and_by_config(capsys, tmp_path):
+    fig = tmp_path / "doc.png"
+    assert main(["doctor", "--model", "conv_deq_small", "--batch-size", "2", "--json", "--figure", str(fig)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["converged"] and fig.stat().st_size > 10_000
+    from tests.lightning.conftest import REPO
+
+    assert main(["doctor", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--batch-size", "4", "--figure", ""]) == 0
+    out = capsys.readouterr().out
+    assert "Jacobian at z*" in out and "anderson" in out
+
+
+def test_fallback_chain_hands_failures_to_the_next_solver():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    res = FallbackChain(solvers=("fixed_point", "ode")).solve(lambda z: -1.5 * z + x, torch.zeros_like(x), tol=1e-8, max_steps=80)
+    assert res.converged.all()
+    torch.testing.assert_close(res.z, x / 2.5, rtol=1e-6, atol=1e-7)
+    chain = get_solver({"name": "fallback", "solvers": ["anderson", "broyden"]})
+    assert [s.name for s in chain.solvers] == ["anderson", "broyden"]
+    with pytest.raises(ValueError, match="unknown solver"):
+        FallbackChain(solvers=("andersen",))
+    deq = DEQ(lambda z, x: -1.5 * z + x, solver=FallbackChain(solvers=("fixed_point", "ode")), tol=1e-8, max_steps=80, on_divergence="raise")
+    z, sol = deq(x)
+    assert sol.all_converged and sol.solver == "fallback"
