@@ -3,6 +3,7 @@
 from mdeq.lightning.callbacks import ResidualPlotCallback
 from mdeq.plots import residual_figure
 from mdeq.lightning.classification import ClassificationModule, DEQLightningModule, build_backbone
+from mdeq.lightning.guard import ConvergenceGuard
 from mdeq.lightning.data import (
     CIFAR10DataModule,
     ClassificationDataModule,
@@ -21,6 +22,7 @@ __all__ = [
     "CIFAR10DataModule",
     "ClassificationDataModule",
     "ClassificationModule",
+    "ConvergenceGuard",
     "DEQLightningModule",
     "DatasetNotFoundError",
     "DigitsDataModule",

@@ -1,0 +1,122 @@
+"""A training guard: notices when a DEQ has lost its equilibrium and acts before it trains on NaN."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from mdeq.core.errors import ADVICE, ConvergenceWarning
+
+ACTIONS = ("warn", "increase_jacobian", "stop")
+
+
+class ConvergenceGuard(pl.Callback):
+    """Watches every training step's solution (fraction converged, diverged samples) and the
+    loss and gradients.
+
+    - A non-finite loss or gradient: the optimizer step is skipped (gradients dropped) and
+      training stops with a message; the weights stay finite.
+    - When the mean converged fraction over the last ``window`` steps falls below
+      ``min_converged_fraction``, the guard escalates through ``actions``: "warn" (a
+      ``ConvergenceWarning`` with advice), "increase_jacobian" (multiply the module's Jacobian
+      weight by ``jacobian_factor``, from ``initial_jacobian_weight`` if it was 0, up to
+      ``max_jacobian_weight``), and "stop" (end training with a message). Each escalation waits
+      for a fresh window.
+
+    ``stopped_reason`` holds the message when the guard stopped training.
+    """
+
+    def __init__(
+        self,
+        min_converged_fraction: float = 0.5,
+        window: int = 20,
+        actions: tuple[str, ...] = ("warn", "increase_jacobian", "stop"),
+        jacobian_factor: float = 2.0,
+        initial_jacobian_weight: float = 0.5,
+        max_jacobian_weight: float = 10.0,
+    ) -> None:
+        super().__init__()
+        bad = [a for a in actions if a not in ACTIONS]
+        if bad:
+            raise ValueError(f"unknown guard action(s) {bad}; choose from {ACTIONS}")
+        if not 0.0 < min_converged_fraction <= 1.0:
+            raise ValueError(f"min_converged_fraction must be in (0, 1], got {min_converged_fraction}")
+        self.min_converged_fraction = min_converged_fraction
+        self.window = window
+        self.actions = tuple(actions)
+        self.jacobian_factor = jacobian_factor
+        self.initial_jacobian_weight = initial_jacobian_weight
+        self.max_jacobian_weight = max_jacobian_weight
+        self.recent: deque[float] = deque(maxlen=window)
+        self.level = 0
+        self.stopped_reason: str | None = None
+        self.events: list[str] = []
+
+    # ---- the loss and gradients: never step on NaN ------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in pl_module.parameters())
+        if not finite:
+            for p in pl_module.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients: no NaN enters the weights
+            self._stop(trainer, f"non-finite gradients at step {trainer.global_step}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            self._stop(trainer, f"the loss became {float(loss)} at step {trainer.global_step}")
+            return
+        sol = getattr(pl_module, "_last_solution", None)
+        if sol is None or not sol.converged.numel():
+            return
+        self.recent.append(float(sol.converged.float().mean()))
+        if len(self.recent) < self.window:
+            return
+        mean = sum(self.recent) / len(self.recent)
+        if mean >= self.min_converged_fraction or self.level >= len(self.actions):
+            return
+        action = self.actions[self.level]
+        self.level += 1
+        self.recent.clear()
+        residual = float(sol.residual.max())
+        what = (
+            f"DEQ training is losing its equilibrium: only {mean:.0%} of samples converged over the last "
+            f"{self.window} steps (step {trainer.global_step}, max rel. residual {residual:.3g}, {sol.nfe} f-evals)."
+        )
+        if action == "warn":
+            self.events.append("warn")
+            rank_zero_warn(f"{what} {ADVICE}", category=ConvergenceWarning)
+        elif action == "increase_jacobian":
+            schedule = getattr(pl_module, "jacobian", None)
+            if schedule is None:
+                self.events.append("increase_jacobian(unavailable)")
+                return
+            new = min(self.max_jacobian_weight, schedule.weight * self.jacobian_factor if schedule.weight > 0 else self.initial_jacobian_weight)
+            schedule.weight = new
+            schedule.warmup_steps = 0
+            self.events.append(f"increase_jacobian({new:g})")
+            rank_zero_warn(f"{what} Raising the Jacobian-regularization weight to {new:g}.", category=ConvergenceWarning)
+        else:
+            self._stop(trainer, what)
+
+    def _stop(self, trainer: pl.Trainer, why: str) -> None:
+        if self.stopped_reason is not None:
+            return
+        self.stopped_reason = (
+            f"ConvergenceGuard stopped training: {why} The last checkpoint is intact; resume after changing "
+            f"the model or recipe. {ADVICE} Run `mdeq doctor --config <your config>` for a diagnosis."
+        )
+        self.events.append("stop")
+        trainer.should_stop = True
+        rank_zero_warn(self.stopped_reason, category=ConvergenceWarning)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "recent": list(self.recent), "events": list(self.events)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.level = state_dict.get("level", 0)
+        self.recent = deque(state_dict.get("recent", []), maxlen=self.window)
+        self.events = list(state_dict.get("events", []))

@@ -1,0 +1,82 @@
+"""The ConvergenceGuard callback stops a destabilised run with its message, never trains on NaN."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from mdeq import DEQ, TanhCell
+from mdeq.lightning import ClassificationModule, ConvergenceGuard, DigitsDataModule
+
+
+class Backbone(nn.Module):
+    def __init__(self, solver="fixed_point"):
+        super().__init__()
+        self.enc = nn.Linear(64, 32)
+        self.deq = DEQ(TanhCell(32, 32, weight_scale=0.5), solver=solver, tol=1e-4, max_steps=15, state_shape=(32,), on_divergence="ignore")
+        self.head = nn.Linear(32, 10)
+        self.poison = False
+
+    def forward(self, x, return_solution=False):
+        z, sol = self.deq(self.enc(x.flatten(1)))
+        logits = self.head(z) * (float("nan") if self.poison else 1.0)
+        return (logits, sol) if return_solution else logits
+
+
+class Sabotage(pl.Callback):
+    def __init__(self, at_step, what):
+        self.at_step, self.what = at_step, what
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            if self.what == "destabilise":
+                with torch.no_grad():
+                    module.backbone.deq.f.linear_z.weight.mul_(10.0)
+            else:
+                module.backbone.poison = True
+
+
+def run(guard, sabotage, max_steps=200):
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(backbone=Backbone(), lr=1e-3, scheduler="constant")
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[guard, sabotage],
+    )
+    with pytest.warns(Warning):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    return trainer, module
+
+
+def test_guard_escalates_then_stops_a_run_that_lost_its_equilibrium():
+    guard = ConvergenceGuard(min_converged_fraction=0.5, window=5)
+    trainer, module = run(guard, Sabotage(10, "destabilise"))
+    assert guard.events[:3] == ["warn", "increase_jacobian(0.5)", "stop"]
+    assert "losing its equilibrium" in guard.stopped_reason and "mdeq doctor" in guard.stopped_reason
+    assert trainer.global_step < 60
+    assert module.jacobian.weight == 0.5
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_guard_never_steps_on_nan():
+    guard = ConvergenceGuard(window=5)
+    trainer, module = run(guard, Sabotage(4, "poison"))
+    assert "non-finite gradients" in guard.stopped_reason or "loss became nan" in guard.stopped_reason
+    assert trainer.global_step <= 6
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_guard_is_quiet_on_a_healthy_run():
+    pl.seed_everything(0, verbose=False)
+    guard = ConvergenceGuard(window=5)
+    module = ClassificationModule(backbone=Backbone(solver="anderson"), lr=1e-3, scheduler="constant")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[guard])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert guard.events == [] and guard.stopped_reason is None and trainer.global_step == 20
+
+
+def test_guard_rejects_unknown_actions():
+    with pytest.raises(ValueError, match="unknown guard action"):
+        ConvergenceGuard(actions=("warn", "panic"))
