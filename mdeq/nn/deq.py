@@ -15,6 +15,7 @@ from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
 from mdeq.core.packing import State, StatePacker
 from mdeq.core.solution import DEQSolution
 from mdeq.core.solvers import FixedPoint, SolverSpec, get_solver
+from mdeq.nn.norms import begin_solve
 
 InitSpec = Union[str, nn.Module, Callable[[Any], State]]
 INIT_NAMES = ("zeros", "f0")
@@ -231,6 +232,8 @@ class DEQ(nn.Module):
         phase); the solution still reports the residual reached.
         """
         f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0)
+        if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
+            begin_solve(self.f.modules())
 
         use_jr = self.jacobian_regularization is not None and self.training
         if unroll is not None:

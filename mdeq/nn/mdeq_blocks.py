@@ -29,6 +29,10 @@ class VariationalDropout2d(nn.Module):
     def reset_mask(self) -> None:
         self.mask = None
 
+    def begin_solve(self) -> None:
+        """A new equilibrium solve draws a new mask (called by the DEQ layer)."""
+        self.reset_mask()
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
