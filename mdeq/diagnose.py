@@ -156,6 +156,19 @@ class Diagnosis:
         bwd = {t.solver: t.backward_trace for t in self.trials if t.backward_trace is not None}
         return solver_comparison_figure(fwd, bwd, title=f"layer '{self.layer}', batch {self.batch_size}")
 
+    def log_figure(self, loggers: Any, step: int = 0, fallback_path: str | None = None) -> str:
+        """Log the figure to a W&B / TensorBoard logger (a Lightning logger or a list of them),
+        else save it to ``fallback_path``. Returns where it went."""
+        from mdeq.plots import log_figure
+
+        fig = self.figure()
+        seq = loggers if isinstance(loggers, (list, tuple)) else [loggers]
+        where = log_figure(fig, seq, step, key=f"doctor/{self.layer}", fallback_path=fallback_path)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return where
+
 
 # ---- running the diagnosis ------------------------------------------------------------------------
 def find_deq_layers(model: nn.Module) -> list[tuple[str, DEQ]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -60,3 +61,24 @@ def _style(ax: Any, title: str) -> None:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def log_figure(fig: Any, loggers: Iterable[Any], step: int, key: str = "residual_trace", fallback_path: str | Path | None = None) -> str:
+    """Log ``fig`` to the first W&B or TensorBoard logger among ``loggers`` (Lightning loggers);
+    without one, save it as a PNG at ``fallback_path``. Returns where it went."""
+    for logger in loggers:
+        name = type(logger).__name__
+        if "Wandb" in name:
+            import wandb
+
+            logger.experiment.log({key: wandb.Image(fig), "trainer/global_step": step})
+            return "wandb"
+        if "TensorBoard" in name:
+            logger.experiment.add_figure(key, fig, global_step=step)
+            return "tensorboard"
+    if fallback_path is None:
+        return "nowhere"
+    path = Path(fallback_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return str(path)

@@ -144,3 +144,13 @@ def test_fallback_chain_hands_failures_to_the_next_solver():
     deq = DEQ(lambda z, x: -1.5 * z + x, solver=FallbackChain(solvers=("fixed_point", "ode")), tol=1e-8, max_steps=80, on_divergence="raise")
     z, sol = deq(x)
     assert sol.all_converged and sol.solver == "fallback"
+
+
+def test_diagnosis_figure_goes_to_a_logger_or_a_file(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mdeq.models import mdeq_digits
+
+    diag = mdeq.diagnose(mdeq_digits().train(), torch.randn(2, 1, 8, 8))
+    assert diag.log_figure(CSVLogger(str(tmp_path)), fallback_path=str(tmp_path / "d.png")) == str(tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mdeq.core.solution import DEQSolution
-from mdeq.plots import residual_figure
+from mdeq.plots import log_figure, residual_figure
 
 
 class ResidualPlotCallback(pl.Callback):
@@ -64,17 +64,5 @@ class ResidualPlotCallback(pl.Callback):
 
     @staticmethod
     def _emit(trainer: pl.Trainer, fig: Any) -> None:
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            name = type(logger).__name__
-            if "Wandb" in name:
-                import wandb
-
-                logger.experiment.log({"residual_trace": wandb.Image(fig), "trainer/global_step": step})
-                return
-            if "TensorBoard" in name:
-                logger.experiment.add_figure("residual_trace", fig, global_step=step)
-                return
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "residual_traces"
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(folder / f"epoch{trainer.current_epoch:03d}.png", dpi=100)
+        log_figure(fig, trainer.loggers, trainer.global_step, fallback_path=folder / f"epoch{trainer.current_epoch:03d}.png")
