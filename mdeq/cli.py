@@ -25,6 +25,8 @@ def overview() -> str:
         "",
         "usage: mdeq {fit,validate,test,predict} --config configs/<task>/<model>.yaml [--key value ...]",
         "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
+        "       mdeq test --model <zoo name> --data <task>     (evaluate shipped weights)",
+        "       mdeq export --checkpoint <ckpt> --name <name> --task <task> --config <yaml>",
         "       mdeq demo | mdeq solvers | mdeq models",
         "",
         "tasks and configs:",
@@ -174,6 +176,45 @@ def doctor(argv: list[str]) -> int:
     return 0
 
 
+def test_zoo_model(argv: list[str]) -> int:
+    """``mdeq test --model <zoo name> --data <task>``: evaluate shipped weights on a test split."""
+    import argparse
+
+    import zoo
+    from mdeq.lightning.zoo_tools import TASKS, evaluate
+
+    p = argparse.ArgumentParser(prog="mdeq test --model", description="evaluate a zoo model's shipped weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, choices=sorted(TASKS))
+    p.add_argument("--data-root", default=None, help="dataset root (default $MDEQ_DATA or ./data)")
+    p.add_argument("--batch-size", type=int, default=256)
+    a = p.parse_args(argv)
+    model = zoo.create(a.model, pretrained=True)
+    m = evaluate(model, a.data, a.data_root, a.batch_size)
+    print(summary_line({f"test/{k}": v for k, v in m.items()}))
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    """``mdeq export``: a trained Lightning checkpoint -> checkpoints/<name>.safetensors + card."""
+    import argparse
+    import json
+
+    from mdeq.lightning.zoo_tools import TASKS, export_checkpoint
+
+    p = argparse.ArgumentParser(prog="mdeq export", description="export a trained checkpoint to the zoo (weights + model card)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--config", required=True, help="the training config the checkpoint came from")
+    p.add_argument("--out-dir", default="checkpoints")
+    p.add_argument("--data-root", default=None)
+    a = p.parse_args(argv)
+    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root)
+    print(json.dumps(card["metrics"], indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mdeq`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -201,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "doctor":
         return doctor(argv[1:])
+    if argv[0] == "export":
+        return export(argv[1:])
+    if argv[0] in ("test", "validate") and "--model" in argv:
+        return test_zoo_model(argv[1:])
     if argv[0] == "models":
         import zoo
 

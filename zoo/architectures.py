@@ -18,3 +18,14 @@ ARCHITECTURES = (
 
 for _name in ARCHITECTURES:
     register_model(getattr(models, _name))
+
+# Task-specific entries whose weights ship in checkpoints/ (trained with `mdeq fit` and exported
+# with `mdeq export`; the card records the config, the measuring command and the results).
+PRETRAINED = {
+    "mdeq_digits": ("mdeq_digits", "digits"),
+}
+
+for _name, (_arch, _task) in PRETRAINED.items():
+    from zoo.registry import _MODELS, ZooEntry  # noqa: E402
+
+    _MODELS[_name] = ZooEntry(_name, getattr(models, _arch), {}, _task, f"{_name}.safetensors")

@@ -1,36 +1,103 @@
-"""Registry of named model constructors."""
+"""Registry of named models: architectures (random init) and, where weights ship, their cards."""
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from zoo.weights import WeightsError, checkpoint_dirs, find_checkpoint, load_weights, read_card
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A named model: an architecture constructor with fixed keyword arguments, and optionally
+    the task it was trained on and its weights file (in ``checkpoints/``, card beside it)."""
+
+    name: str
+    architecture: Callable[..., nn.Module]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None
+    weights: str | None = None
+
+    @property
+    def card_file(self) -> str | None:
+        return None if self.weights is None else self.weights.rsplit(".", 1)[0] + ".json"
+
+    def weights_path(self):  # noqa: ANN201
+        return None if self.weights is None else find_checkpoint(self.weights)
+
+
+_MODELS: dict[str, ZooEntry] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register a model constructor under its function name."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"a model named {name!r} is already registered")
-    _MODELS[name] = fn
+    """Decorator: register an architecture constructor under its function name."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"a model named {fn.__name__!r} is already registered")
+    _MODELS[fn.__name__] = ZooEntry(fn.__name__, fn)
     return fn
 
 
-def list_models() -> list[str]:
-    """Names of the registered models."""
-    return sorted(_MODELS)
+def register_pretrained(name: str, architecture: Callable[..., nn.Module], task: str, weights: str, **kwargs: Any) -> None:
+    """Register a task-specific model whose weights ship in ``checkpoints/<weights>``."""
+    if name in _MODELS and _MODELS[name].weights is not None:
+        raise ValueError(f"pretrained model {name!r} is already registered")
+    _MODELS[name] = ZooEntry(name, architecture, dict(kwargs), task, weights)
 
 
-def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build the model registered as ``name``; unknown names list close matches."""
+def list_models(details: bool = False, pretrained: bool | None = None) -> list[Any]:
+    """Model names (sorted); with ``details=True`` one dict per model: name, task, parameter
+    count, test accuracy and whether weights ship. ``pretrained=True`` lists only those with
+    weights."""
+    names = sorted(n for n, e in _MODELS.items() if pretrained is None or (e.weights_path() is not None) == pretrained)
+    if not details:
+        return names
+    rows = []
+    for n in names:
+        e = _MODELS[n]
+        info: dict[str, Any] = {"name": n, "task": e.task, "weights": e.weights_path() is not None}
+        if info["weights"]:
+            c = card(n)
+            info.update(params=c.get("num_params"), test_accuracy=c.get("metrics", {}).get("test_accuracy"))
+        rows.append(info)
+    return rows
+
+
+def entry(name: str) -> ZooEntry:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        known = ", ".join(list_models()) or "none registered yet"
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {known}.")
-    if pretrained:
-        raise ValueError(f"no pretrained weights ship for {name!r} yet (weights arrive with the zoo issue)")
-    return _MODELS[name](**kwargs)
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}.")
+    return _MODELS[name]
+
+
+def card(name: str) -> dict[str, Any]:
+    """The model card (a dict) of a model with shipped weights."""
+    e = entry(name)
+    path = e.weights_path()
+    if path is None or e.card_file is None:
+        raise ValueError(f"{name!r} has no shipped weights, so no model card")
+    return read_card(path.with_name(e.card_file))
+
+
+def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build the model registered as ``name``; ``pretrained=True`` loads its shipped weights
+    (verified: SHA-256, parameter names and shapes) and returns it in eval mode."""
+    e = entry(name)
+    if not pretrained:
+        return e.architecture(**{**e.kwargs, **kwargs})
+    if e.weights is None:
+        with_weights = [n for n in list_models(pretrained=True)]
+        raise ValueError(
+            f"no pretrained weights ship for {name!r}; models with weights: {', '.join(with_weights) or 'none yet'}"
+        )
+    path = e.weights_path()
+    if path is None:
+        raise WeightsError(f"weights {e.weights!r} for {name!r} not found in {[str(d) for d in checkpoint_dirs()]}")
+    c = read_card(path.with_name(e.card_file))  # type: ignore[arg-type]
+    model = e.architecture(**{**c.get("architecture_kwargs", {}), **e.kwargs, **kwargs})
+    load_weights(model, path, sha256=c.get("sha256"))
+    return model.eval()

@@ -80,7 +80,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 def _resume_config(tmp_path: Path, name: str) -> Path:
     cfg = yaml.safe_load((REPO / "configs/digits/mdeq_digits.yaml").read_text())
     cfg["trainer"].update({"max_epochs": 6, "logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path / name)})
-    cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    # keep the config's own checkpoint callbacks (best by val/acc + last after every epoch)
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     cfg["model"]["init_args"]["backbone_kwargs"] = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}
     cfg["model"]["init_args"]["jacobian_weight"] = 0.5  # random probes: resumption must restore the RNG
     cfg["model"]["init_args"]["jacobian_probability"] = 0.5

@@ -80,8 +80,17 @@ def test_bad_module_options_are_clear():
         ClassificationModule(**small_mdeq(optimizer="adamax"))
     with pytest.raises(TypeError, match="unexpected keyword argument 'chanels'"):
         ClassificationModule(backbone="mdeq_digits", backbone_kwargs={"chanels": [8, 8]})
-    with pytest.raises(ValueError, match="no pretrained weights"):
-        ClassificationModule(backbone="mdeq_digits", pretrained=True)
+    with pytest.raises(ValueError, match="no pretrained weights ship for 'mdeq_large'"):
+        ClassificationModule(backbone="mdeq_large", pretrained=True)
+
+
+def test_module_can_start_from_shipped_weights():
+    import zoo
+
+    module = ClassificationModule(backbone="mdeq_digits", pretrained=True)
+    shipped = zoo.create("mdeq_digits", pretrained=True)
+    for (k, a), (_, b) in zip(module.backbone.state_dict().items(), shipped.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
 
 
 def test_regression_toy_through_lightning():

@@ -57,8 +57,10 @@ class NormalizedTensorDataset(Dataset):
         augment: bool = False,
         scale: float = 255.0,
         crop_padding: int = 4,
+        flip: bool = True,
     ) -> None:
         self.images, self.labels = images, labels.long()
+        self.flip = flip
         c = images.shape[1]
         self.mean = torch.tensor(mean if mean is not None else [0.0] * c).view(c, 1, 1)
         self.std = torch.tensor(std if std is not None else [1.0] * c).view(c, 1, 1)
@@ -74,13 +76,16 @@ class NormalizedTensorDataset(Dataset):
             padded = torch.nn.functional.pad(x, [self.pad] * 4)
             top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
             x = padded[:, top : top + h, left : left + w]
-            if bool(torch.rand(()) < 0.5):
+            if self.flip and bool(torch.rand(()) < 0.5):
                 x = x.flip(-1)
         return (x - self.mean) / self.std, self.labels[i]
 
 
 class ClassificationDataModule(pl.LightningDataModule):
     """Base for image classification data: train/val/test datasets, seeded split, loaders.
+
+    ``augment`` turns on random crops (zero padding ``crop_padding``) and, with ``flip``, random
+    horizontal flips (right for CIFAR, wrong for digits).
 
     Subclasses implement :meth:`load` returning (train_images, train_labels, test_images,
     test_labels) and set ``mean``/``std``/``num_classes``/``input_shape``.
@@ -103,8 +108,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         augment: bool = False,
         limit_train: int | None = None,
         limit_test: int | None = None,
+        crop_padding: int = 4,
+        flip: bool = True,
     ) -> None:
         super().__init__()
+        self.crop_padding, self.flip = crop_padding, flip
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
@@ -134,7 +142,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.limit_test is not None:
             x_te, y_te = x_te[: self.limit_test], y_te[: self.limit_test]
         mean, std = (self.mean, self.std) if self.normalize else (None, None)
-        train_full = NormalizedTensorDataset(x_tr, y_tr, mean, std, augment=self.augment, scale=self.scale)
+        train_full = NormalizedTensorDataset(
+            x_tr, y_tr, mean, std, augment=self.augment, scale=self.scale, crop_padding=self.crop_padding, flip=self.flip
+        )
         eval_train = NormalizedTensorDataset(x_tr, y_tr, mean, std, augment=False, scale=self.scale)
         n_val = int(round(self.val_fraction * len(y_tr)))
         perm = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(self.seed)).tolist()

@@ -1,0 +1,111 @@
+"""Evaluate zoo models on a task's test split, and export trained checkpoints to the zoo."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from mdeq.lightning.classification import ClassificationModule
+from mdeq.lightning.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from mdeq.lightning.data.base import ClassificationDataModule
+
+TASKS: dict[str, type[ClassificationDataModule]] = {
+    "digits": DigitsDataModule,
+    "mnist": MNISTDataModule,
+    "fashion_mnist": FashionMNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+}
+
+
+def task_datamodule(task: str, root: str | None = None, batch_size: int = 256) -> ClassificationDataModule:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "val_fraction": 0.0}
+    if task != "digits" and root is not None:
+        kwargs["root"] = root
+    return TASKS[task](**kwargs)
+
+
+def evaluate(model: nn.Module, task: str, root: str | None = None, batch_size: int = 256) -> dict[str, float]:
+    """Test-split metrics of ``model`` on ``task``: accuracy, top-5, mean forward f-evaluations per
+    batch, residual statistics, fraction converged."""
+    dm = task_datamodule(task, root, batch_size)
+    module = ClassificationModule(backbone=model, num_classes=dm.num_classes)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    return {k.split("/", 1)[1]: float(v) for k, v in metrics.items()} | {"num_test_samples": float(len(dm.test_set))}
+
+
+def export_checkpoint(
+    checkpoint: str,
+    name: str,
+    task: str,
+    config: str,
+    out_dir: str = "checkpoints",
+    root: str | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Turn a Lightning checkpoint of ``ClassificationModule`` into ``out_dir/<name>.safetensors``
+    plus ``<name>.json``: re-measures test accuracy and f-evaluations, records the training
+    config, the measuring command and the SHA-256. The checkpoint is read with ``weights_only=True``."""
+    import zoo
+    from zoo.weights import save_weights, write_card
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    arch = hp.get("backbone")
+    if not isinstance(arch, str):
+        raise ValueError(f"{checkpoint} was not trained with a zoo backbone name (got {arch!r}); cannot export")
+    arch_kwargs = dict(hp.get("backbone_kwargs") or {})
+    model = zoo.create(arch, **arch_kwargs)
+    prefix = "backbone."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    metrics = evaluate(model, task, root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{name}.safetensors"
+    sha = save_weights(model, weights, metadata={"name": name, "architecture": arch})
+    dm = task_datamodule(task, root)
+    deq = next(m for m in model.modules() if m.__class__.__name__ in ("DEQ", "MultiScaleDEQ"))
+    card = {
+        "name": name,
+        "architecture": arch,
+        "architecture_kwargs": arch_kwargs,
+        "task": task,
+        "dataset": {"digits": "scikit-learn 8x8 digits (seeded stratified 80/20 split, seed 0)", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}[task],
+        "preprocessing": {"input_shape": list(dm.input_shape), "mean": list(dm.mean or []), "std": list(dm.std or []), "scale": dm.scale},
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "solver": {"name": deq.solver.name, "options": {k: v for k, v in deq.solver.options().items() if isinstance(v, (int, float, str, bool))}, "tol": deq.tol, "max_steps": deq.max_steps, "stop_mode": deq.stop_mode},
+        "metrics": {
+            "test_accuracy": metrics.get("acc"),
+            "test_top5": metrics.get("top5"),
+            "mean_forward_nfe": metrics.get("nfe"),
+            "residual_mean": metrics.get("residual_mean"),
+            "converged_fraction": metrics.get("converged_fraction"),
+            "num_test_samples": int(metrics["num_test_samples"]),
+        },
+        "measured_with": f"mdeq test --model {name} --data {task}" + (" --data-root <root>" if task != "digits" else ""),
+        "train_config": config,
+        "train_command": f"mdeq fit --config {config}",
+        "exported_with": command or " ".join(shlex.quote(a) for a in ["mdeq", *sys.argv[1:]]),
+        "training": {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")},
+        "weights_file": weights.name,
+        "sha256": sha,
+        "created": datetime.date.today().isoformat(),
+    }
+    write_card(out / f"{name}.json", card)
+    return card

@@ -1,0 +1,137 @@
+"""The zoo: names, cards, shipped weights re-measured, and weights that must be refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.weights import WeightsError, checkpoint_dirs, load_weights, read_tensors, save_weights, sha256_of
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = zoo.list_models(pretrained=True)
+
+
+def test_names_and_errors():
+    assert {"mdeq_tiny", "mdeq_large", "conv_deq_small", "mdeq_digits"} <= set(zoo.list_models())
+    with pytest.raises(ValueError, match="unknown model 'mdeq_tyni'.*Did you mean 'mdeq_tiny'"):
+        zoo.create("mdeq_tyni")
+    with pytest.raises(ValueError, match="no pretrained weights ship for 'mdeq_large'"):
+        zoo.create("mdeq_large", pretrained=True)
+    with pytest.raises(ValueError, match="no shipped weights, so no model card"):
+        zoo.card("mdeq_large")
+    rows = zoo.list_models(details=True)
+    assert all({"name", "task", "weights"} <= set(r) for r in rows)
+
+
+def test_at_least_one_model_ships_weights():
+    assert "mdeq_digits" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_is_complete_and_matches_the_file(name):
+    card = zoo.card(name)
+    for key in ("architecture", "architecture_kwargs", "task", "dataset", "preprocessing", "num_params", "solver", "metrics", "measured_with", "train_config", "sha256"):
+        assert key in card, key
+    path = zoo.entry(name).weights_path()
+    assert sha256_of(path) == card["sha256"]
+    assert path.stat().st_size < 20 * 2**20
+    assert (REPO / card["train_config"]).is_file()
+    model = zoo.create(name, pretrained=True)
+    assert not model.training and sum(p.numel() for p in model.parameters()) == card["num_params"]
+
+
+def test_digits_weights_reach_their_card_accuracy():
+    from mdeq.lightning.zoo_tools import evaluate
+
+    card = zoo.card("mdeq_digits")
+    assert card["metrics"]["test_accuracy"] >= 0.98
+    measured = evaluate(zoo.create("mdeq_digits", pretrained=True), "digits")
+    assert abs(measured["acc"] - card["metrics"]["test_accuracy"]) <= 0.005
+
+
+def test_same_weights_through_timm():
+    import timm
+
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(timm.create_model("mdeq_digits", pretrained=True)(x), zoo.create("mdeq_digits", pretrained=True)(x))
+
+
+@pytest.fixture
+def shipped_copy(tmp_path, monkeypatch):
+    """A private copy of the shipped files that tests may damage."""
+    src = zoo.entry("mdeq_digits").weights_path()
+    for f in (src, src.with_suffix(".json")):
+        shutil.copy(f, tmp_path / f.name)
+    monkeypatch.setenv("MDEQ_CHECKPOINTS", str(tmp_path))
+    assert checkpoint_dirs()[0] == tmp_path
+    return tmp_path / src.name
+
+
+def test_changed_bytes_are_refused(shipped_copy):
+    data = bytearray(shipped_copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shipped_copy.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        zoo.create("mdeq_digits", pretrained=True)
+
+
+def test_truncated_file_is_refused(shipped_copy):
+    data = shipped_copy.read_bytes()
+    shipped_copy.write_bytes(data[: len(data) // 3])
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        zoo.create("mdeq_digits", pretrained=True)
+    with pytest.raises(WeightsError, match="not a valid safetensors file"):
+        read_tensors(shipped_copy)
+
+
+def test_another_models_file_is_refused(shipped_copy, tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_weights(zoo.create("conv_deq_small_gray"), other)
+    with pytest.raises(WeightsError, match="does not fit MDEQClassifier.*missing.*unexpected"):
+        load_weights(zoo.create("mdeq_digits"), other)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_carrying_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump({"state_dict": payload}, fh)
+    with pytest.raises(WeightsError, match="refused to load.*weights_only"):
+        load_weights(zoo.create("mdeq_digits"), evil)
+    assert not marker.exists()
+
+
+def test_wheel_ships_the_weights(tmp_path):
+    """`pip install .` puts checkpoints/ under <prefix>/share/mdeq/checkpoints, where zoo looks."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(tmp_path)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("mdeq-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in SHIPPED:
+        assert any(n.endswith(f"data/share/mdeq/checkpoints/{name}.safetensors") for n in names)
+        assert any(n.endswith(f"data/share/mdeq/checkpoints/{name}.json") for n in names)
+    assert Path(sys.prefix) / "share" / "mdeq" / "checkpoints" in checkpoint_dirs()
+
+
+def test_readme_table_is_generated_from_the_cards():
+    from zoo.readme import BEGIN, END, render_table
+
+    text = (REPO / "README.md").read_text()
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert block == render_table(), "README zoo table is stale: run `python -m zoo.readme`"

@@ -1,0 +1,132 @@
+"""Safe weight files: safetensors + a JSON model card carrying the file's SHA-256.
+
+Loading never executes code from a file: ``.safetensors`` is a plain tensor container, and any
+other file is read with ``torch.load(weights_only=True)``, which refuses pickled objects. Every
+load is checked against the card's SHA-256 and the model's parameter names and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used: missing, tampered, truncated or for another model."""
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dirs() -> list[Path]:
+    """Where shipped weights are looked for: ``$MDEQ_CHECKPOINTS``, the source checkout's
+    ``checkpoints/``, and the ``share/mdeq/checkpoints`` folder an installed wheel provides."""
+    dirs = []
+    if os.environ.get("MDEQ_CHECKPOINTS"):
+        dirs.append(Path(os.environ["MDEQ_CHECKPOINTS"]))
+    dirs.append(Path(__file__).resolve().parent.parent / "checkpoints")
+    dirs.append(Path(sys.prefix) / "share" / "mdeq" / "checkpoints")
+    return dirs
+
+
+def find_checkpoint(filename: str) -> Path | None:
+    for d in checkpoint_dirs():
+        if (d / filename).is_file():
+            return d / filename
+    return None
+
+
+def read_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from a safetensors file, or from a torch file loaded with ``weights_only=True``
+    (a pickle carrying code is refused without running it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise WeightsError(f"{path} is not a valid safetensors file (truncated or corrupt?): {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses code-carrying pickles; never retried unsafely
+        raise WeightsError(
+            f"refused to load {path}: it is not a plain tensor file (torch.load with weights_only=True "
+            f"rejected it: {type(err).__name__}). mdeq never unpickles code; convert it to safetensors."
+        ) from err
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a mapping of parameter names to tensors")
+    return dict(obj)
+
+
+def check_compatible(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Clear error unless ``tensors`` has exactly the model's keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(f"{k}: file {got[k]} vs model {expected[k]}" for k in wrong[:3]))
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Is it another model's file?")
+
+
+def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
+    """Load ``path`` into ``model`` after checking its SHA-256 (when given), keys and shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if sha256 is not None:
+        actual = sha256_of(path)
+        if actual != sha256:
+            raise WeightsError(
+                f"{path}: SHA-256 mismatch (the file was changed, truncated or replaced): expected {sha256}, got {actual}. "
+                "Reinstall or re-fetch the weights."
+            )
+    tensors = read_tensors(path)
+    check_compatible(model, tensors, str(path))
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> str:
+    """Write ``model``'s state_dict as safetensors; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=dict(metadata or {}))
+    return sha256_of(path)
+
+
+def write_card(path: str | Path, card: Mapping[str, Any]) -> None:
+    Path(path).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise WeightsError(f"model card {path} is missing or not valid JSON: {err}") from err
