@@ -40,6 +40,21 @@ class BackwardContext:
     on_divergence: str
     record: BackwardRecord
     throttle: WarningThrottle | None = None
+    linear_solver: str = "iterative"
+
+
+LINEAR_SOLVERS = ("auto", "iterative", "gmres", "dense")
+
+
+def _dense_solve(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact solve of (I - J^T) g = grad per sample: J^T from dim batched VJPs, then LU."""
+    b, d = grad.shape
+    eye = torch.eye(d, dtype=grad.dtype, device=grad.device)
+    rows = [vjp(eye[i].expand(b, d).contiguous()) for i in range(d)]  # rows[i] = e_i^T J (per sample)
+    jac = torch.stack(rows, dim=1)  # (b, d, d): jac[:, i, :] = J[i, :]
+    g = torch.linalg.solve(eye - jac.transpose(1, 2), grad[..., None])[..., 0]
+    res = torch.linalg.vector_norm(g - vjp(g) - grad, dim=1) / torch.linalg.vector_norm(grad, dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
+    return g, res
 
 
 @dataclass
@@ -63,6 +78,14 @@ class ImplicitBackward(Backward):
     carries g into x and f's parameters.
 
     ``solver``/``tol``/``max_steps`` default to the forward solve's settings.
+
+    ``linear_solver`` picks how (I - J^T) g = dL/dz* is solved: "iterative" (the solver above on
+    the fixed-point form), "gmres" (matrix-free GMRES on vector-Jacobian products), "dense" (the
+    exact per-sample Jacobian from dim batched VJPs, then an LU solve: exact and fastest for small
+    states) or "auto" (dense up to ``dense_max_dim`` state dimensions unless a backward ``solver`` is given,
+    else iterative). GMRES and
+    dense also solve systems whose fixed-point form diverges (equilibria that only a root finder
+    or the ODE solver reaches).
     """
 
     name = "implicit"
@@ -70,17 +93,26 @@ class ImplicitBackward(Backward):
     tol: float | None = None
     max_steps: int | None = None
     stop_mode: str | None = None
+    linear_solver: str = "auto"
+    dense_max_dim: int = 64
 
     def __post_init__(self) -> None:
         if self.solver is not None:
             self.solver = get_solver(self.solver)
+        if self.linear_solver not in LINEAR_SOLVERS:
+            raise ValueError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {self.linear_solver!r}")
 
     def attach(self, f: Map, z_star: Tensor, ctx: BackwardContext, need_jacobian: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         z_leaf = z_star.detach().requires_grad_()
         with torch.enable_grad():
             fz = f(z_leaf)
+        dim = z_star.shape[1]
+        linear = self.linear_solver
+        if linear == "auto":  # an explicitly chosen backward solver means the iterative form
+            linear = "dense" if dim <= self.dense_max_dim and self.solver is None else "iterative"
         settings = dataclasses.replace(
             ctx,
+            linear_solver=linear,
             solver=self.solver if self.solver is not None else ctx.solver,
             tol=self.tol if self.tol is not None else ctx.tol,
             max_steps=self.max_steps if self.max_steps is not None else ctx.max_steps,
@@ -115,6 +147,8 @@ class _ImplicitGradient(torch.autograd.Function):
             return torch.zeros_like(v) if out is None else out
 
         grad = grad.contiguous()
+        if s.linear_solver in ("dense", "gmres"):
+            return _direct_backward(s, vjp, grad), None, None
         result = s.solver.solve(
             lambda g: vjp(g) + grad,
             grad,
@@ -140,6 +174,28 @@ class _ImplicitGradient(torch.autograd.Function):
             )
             report_nonconvergence(msg, s.on_divergence, kind="backward", throttle=s.throttle)
         return result.z, None, None
+
+
+def _direct_backward(s: BackwardContext, vjp: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
+    """The dense or GMRES backward; records statistics like the iterative one."""
+    from mdeq.core.solvers.gmres import gmres
+
+    d = grad.shape[1]
+    if s.linear_solver == "dense":
+        g, res = _dense_solve(vjp, grad)
+        nfe, steps, solver = d + 1, 1, "dense"
+    else:
+        g, res, steps = gmres(lambda u: u - vjp(u), grad, max_iter=min(s.max_steps, d), rtol=s.tol)
+        nfe, solver = steps, "gmres"
+    converged = res <= max(s.tol, 100 * torch.finfo(grad.dtype).eps)
+    s.record.stats = BackwardStats(mode="implicit", solver=solver, nfe=nfe, nsteps=steps, residual=res, converged=converged)
+    if s.on_divergence != "ignore" and not bool(converged.all()):
+        msg = (
+            f"DEQ backward {solver} solve did not reach tol={s.tol:g} for {int((~converged).sum())}/{converged.numel()} samples "
+            f"(relative residual max {float(res.max()):.3g}); (I - J^T) may be singular at this equilibrium."
+        )
+        report_nonconvergence(msg, s.on_divergence, kind="backward", throttle=s.throttle)
+    return g
 
 
 @dataclass

@@ -97,7 +97,7 @@ def test_implicit_equals_unrolled(solver):
     cell = tanh_cell(scale=0.8)
     x = torch.randn(4, 3, dtype=torch.float64)
     common = dict(solver=solver, tol=1e-13, max_steps=300, state_shape=(6,), on_divergence="raise")
-    g_impl, sol = _grads(DEQ(cell, backward="implicit", **common), x)
+    g_impl, sol = _grads(DEQ(cell, backward=ImplicitBackward(linear_solver="iterative"), **common), x)
     g_unr, _ = _grads(DEQ(cell, backward="unrolled", **common), x)
     rel = (g_impl - g_unr).norm() / g_unr.norm()
     assert rel < 1e-6, rel
@@ -145,7 +145,7 @@ def test_unrolled_supports_second_derivatives():
 
 
 def test_backward_non_convergence_raises_when_asked():
-    bw = ImplicitBackward(max_steps=2, tol=1e-14)
+    bw = ImplicitBackward(max_steps=2, tol=1e-14, linear_solver="iterative")
     deq = DEQ(tanh_cell(scale=0.95), backward=bw, tol=1e-12, max_steps=300, state_shape=(6,), on_divergence="raise")
     z, _ = deq(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(ConvergenceError, match="backward solve did not converge"):
@@ -207,3 +207,44 @@ def test_implicit_equals_unrolled_on_relu_conv_cell():
     # ill-conditioned once its residual history is nearly collinear, see UnrolledBackward).
     g_unr, _ = _grads(DEQ(cell, solver="fixed_point", backward="unrolled", **common), x)
     assert (g_impl - g_unr).norm() / g_unr.norm() < 1e-6
+
+
+@pytest.mark.parametrize("linear", ["iterative", "gmres", "dense"])
+def test_backward_linear_solvers_agree(linear):
+    cell = tanh_cell(scale=0.8)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    common = dict(tol=1e-12, max_steps=300, state_shape=(6,), on_divergence="raise")
+    ref, _ = _grads(DEQ(cell, backward="unrolled", solver="fixed_point", **common), x)
+    g, sol = _grads(DEQ(cell, backward=ImplicitBackward(linear_solver=linear), **common), x)
+    assert (g - ref).norm() / ref.norm() < 1e-8
+    assert sol.backward.solver == {"iterative": "anderson", "gmres": "gmres", "dense": "dense"}[linear]
+    assert bool(sol.backward.converged.all())
+
+
+def test_auto_backward_is_dense_for_small_states_and_iterative_for_large():
+    small = DEQ(tanh_cell(), tol=1e-10, state_shape=(6,))
+    z, sol = small(torch.randn(2, 3, dtype=torch.float64))
+    z.sum().backward()
+    assert sol.backward.solver == "dense"
+    big = DEQ(TanhCell(80, 3, weight_scale=0.5).double(), tol=1e-8, state_shape=(80,))
+    z, sol = big(torch.randn(2, 3, dtype=torch.float64))
+    z.sum().backward()
+    assert sol.backward.solver == "anderson"
+    with pytest.raises(ValueError, match="linear_solver must be one of"):
+        ImplicitBackward(linear_solver="lu")
+
+
+def test_dense_and_gmres_backward_where_the_fixed_point_form_diverges():
+    """At a repelling equilibrium (found by a root finder), g = J^T g + v diverges by iteration,
+    but (I - J^T) g = v is a perfectly good linear system."""
+    from tests.core.test_ode import stable_flow_not_contraction
+
+    a = stable_flow_not_contraction(5)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    exact_z = torch.linalg.solve(torch.eye(5, dtype=torch.float64) - a, x.detach().T).T
+    exact = 2 * torch.linalg.solve(torch.eye(5, dtype=torch.float64) - a.T, exact_z.T).T
+    for linear in ("dense", "gmres"):
+        deq = DEQ(lambda z, x: z @ a.T + x, solver="newton_krylov", backward=ImplicitBackward(linear_solver=linear, tol=1e-12), tol=1e-12, max_steps=100, on_divergence="raise")
+        z, _ = deq(x)
+        (gx,) = torch.autograd.grad(z.pow(2).sum(), x)
+        torch.testing.assert_close(gx, exact, rtol=1e-8, atol=1e-9)

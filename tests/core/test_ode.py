@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mdeq import DEQ, FixedPoint, MultiScaleDEQ, ODESteadyState, TanhCell, get_solver
+from mdeq import DEQ, FixedPoint, ImplicitBackward, MultiScaleDEQ, ODESteadyState, TanhCell, get_solver
 from tests.helpers import contraction_matrix, linear_fixed_point
 
 
@@ -100,7 +100,7 @@ def test_implicit_gradient_on_a_map_only_the_flow_solves():
     a = stable_flow_not_contraction(4)
     weight = nn.Parameter(a.clone())
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    deq = DEQ(lambda z, x: z @ weight.T + x, solver="ode", tol=1e-11, max_steps=400, on_divergence="raise")
+    deq = DEQ(lambda z, x: z @ weight.T + x, solver="ode", backward=ImplicitBackward(linear_solver="iterative"), tol=1e-11, max_steps=400, on_divergence="raise")
     z, sol = deq(x)
     (gx,) = torch.autograd.grad(z.pow(2).sum(), x)
     exact_z = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - a, x.detach().T).T
