@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mdeq import models
-from zoo.registry import register_model
+from zoo.registry import register_model, register_pretrained
 
 ARCHITECTURES = (
     "mdeq_digits",
@@ -26,6 +26,4 @@ PRETRAINED = {
 }
 
 for _name, (_arch, _task) in PRETRAINED.items():
-    from zoo.registry import _MODELS, ZooEntry  # noqa: E402
-
-    _MODELS[_name] = ZooEntry(_name, getattr(models, _arch), {}, _task, f"{_name}.safetensors")
+    register_pretrained(_name, getattr(models, _arch), _task, f"{_name}.safetensors")

@@ -14,6 +14,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from mdeq.core.jacobian import JacobianRegularization
 from mdeq.core.solution import DEQSolution
 from mdeq.lightning.recipes import (
+    OPTIMIZERS,
+    SCHEDULERS,
     JacobianSchedule,
     SolverBudget,
     build_optimizer,
@@ -75,9 +77,10 @@ class DEQLightningModule(pl.LightningModule):
         self.backbone = build_backbone(backbone, backbone_kwargs, pretrained)
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.scheduler_name, self.warmup_steps, self.min_lr_ratio = scheduler, warmup_steps, min_lr_ratio
-        build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), scheduler, 0, 1)  # validates the name
-        if optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose from adam, adamw, sgd")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose from {SCHEDULERS}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}")
         self.jacobian = JacobianSchedule(jacobian_weight, jacobian_probability, jacobian_start_weight, jacobian_warmup_steps, seed)
         self.regularizer = JacobianRegularization(backend=jacobian_backend, n_probes=jacobian_probes)
         self.skip_weight = skip_weight

@@ -58,8 +58,8 @@ class ConvergenceGuard(pl.Callback):
 
     # ---- the loss and gradients: never step on NaN ------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in pl_module.parameters())
-        if not finite:
+        flags = [torch.isfinite(p.grad).all() for p in pl_module.parameters() if p.grad is not None]
+        if flags and not bool(torch.stack(flags).all()):  # one host sync per step
             for p in pl_module.parameters():
                 p.grad = None  # the optimizer skips parameters without gradients: no NaN enters the weights
             self._stop(trainer, f"non-finite gradients at step {trainer.global_step}")

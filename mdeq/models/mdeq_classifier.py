@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
 from mdeq.nn.heads import MultiScaleClassificationHead
-from mdeq.nn.mdeq_blocks import PostFuse, ResidualBlock, conv3x3, fusion_layer, reset_dropout_masks
+from mdeq.nn.mdeq_blocks import PostFuse, ResidualBlock, conv3x3, fusion_layer
 from mdeq.nn.multiscale import MultiScaleDEQ
 from mdeq.nn.norms import WeightNormConv2d
 
@@ -151,7 +151,6 @@ class MDEQClassifier(nn.Module):
     def forward(self, x: Tensor, return_solution: bool = False, unroll: int | None = None) -> Tensor | tuple[Tensor, DEQSolution]:  # type: ignore[override]
         self.check_input(x)
         inj = self.injection(self.stem(x))
-        reset_dropout_masks(self.deq)
         zs, solution = self.deq(inj, z0=self.initial_state(inj), unroll=unroll)
         logits = self.head(zs)
         return (logits, solution) if return_solution else logits

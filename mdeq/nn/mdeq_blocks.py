@@ -16,8 +16,8 @@ from mdeq.nn.norms import WeightNormConv2d
 
 class VariationalDropout2d(nn.Module):
     """Dropout with one mask per sample, channel and pixel that stays fixed across the solver's
-    iterations (and the backward), so the map f keeps one fixed point. Call
-    :func:`reset_dropout_masks` before each new solve; a new mask is drawn on the next call."""
+    iterations (and the backward), so the map f keeps one fixed point. The DEQ layer calls
+    :meth:`begin_solve` before each solve; a new mask is drawn on the next call."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -40,13 +40,6 @@ class VariationalDropout2d(nn.Module):
             keep = 1.0 - self.p
             self.mask = torch.empty_like(x, requires_grad=False).bernoulli_(keep) / keep
         return x * self.mask
-
-
-def reset_dropout_masks(module: nn.Module) -> None:
-    """Forget the masks of every :class:`VariationalDropout2d` inside ``module``."""
-    for m in module.modules():
-        if isinstance(m, VariationalDropout2d):
-            m.reset_mask()
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
