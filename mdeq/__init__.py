@@ -17,6 +17,7 @@ from mdeq.core import (
     ImplicitBackward,
     JacobianRegularization,
     FallbackChain,
+    NeuralODE,
     NewtonKrylov,
     ODESteadyState,
     PhantomBackward,
@@ -30,7 +31,7 @@ from mdeq.core import (
     solve_equilibrium,
 )
 from mdeq.diagnose import Diagnosis, diagnose
-from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleSkipDEQ, SkipDEQ, TanhCell, Tempered
+from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, SkipDEQ, TanhCell, Tempered
 
 __version__ = "0.1.0"
 
@@ -50,7 +51,9 @@ __all__ = [
     "ImplicitBackward",
     "JacobianRegularization",
     "MultiScaleDEQ",
+    "MultiScaleNeuralODE",
     "MultiScaleSkipDEQ",
+    "NeuralODE",
     "NewtonKrylov",
     "ODESteadyState",
     "PhantomBackward",

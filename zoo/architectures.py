@@ -9,6 +9,7 @@ ARCHITECTURES = (
     "mdeq_digits",
     "mdeq_tiny",
     "mdeq_tiny_gray",
+    "mdeq_mnist",
     "mdeq_large",
     "mdeq_imagenet_small",
     "conv_deq_small",

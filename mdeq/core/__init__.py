@@ -11,6 +11,7 @@ from mdeq.core.backward import (
 from mdeq.core.equilibrium import EquilibriumResult, solve_equilibrium
 from mdeq.core.errors import ConvergenceError, ConvergenceWarning, HigherOrderGradientError
 from mdeq.core.jacobian import JacobianRegularization, get_jacobian_regularization, jacobian_frobenius
+from mdeq.core.neural_ode import NeuralODE
 from mdeq.core.packing import StatePacker
 from mdeq.core.solution import BackwardStats, DEQSolution
 from mdeq.core.solvers import (
@@ -38,6 +39,7 @@ __all__ = [
     "EquilibriumResult",
     "FallbackChain",
     "FixedPoint",
+    "NeuralODE",
     "HigherOrderGradientError",
     "ImplicitBackward",
     "JacobianRegularization",

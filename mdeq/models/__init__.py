@@ -9,6 +9,7 @@ from mdeq.models.mdeq_classifier import (
     mdeq_large,
     mdeq_tiny,
     mdeq_tiny_gray,
+    mdeq_mnist,
 )
 from mdeq.models.toy import DEQRegressor, ToyCell, deq_toy_regressor
 
@@ -26,4 +27,5 @@ __all__ = [
     "mdeq_large",
     "mdeq_tiny",
     "mdeq_tiny_gray",
+    "mdeq_mnist",
 ]

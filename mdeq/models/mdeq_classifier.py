@@ -181,6 +181,23 @@ def mdeq_digits(**overrides: Any) -> MDEQClassifier:
     return MDEQClassifier(cfg, **overrides)
 
 
+def mdeq_mnist(**overrides: Any) -> MDEQClassifier:
+    """A small 2-branch MDEQ for 28x28 grayscale images (MNIST, Fashion-MNIST): one stride-2 stem
+    convolution, then branches of 16 channels at 14x14 and 32 at 7x7 (~0.14M parameters). About
+    4x cheaper per image than ``mdeq_tiny_gray``, so it trains on a CPU."""
+    cfg = MDEQConfig(
+        channels=(16, 32),
+        expansion=4,
+        num_groups=8,
+        head_channels=(8, 16),
+        final_channels=128,
+        in_channels=1,
+        image_size=(28, 28),
+        downsample_times=1,
+    )
+    return MDEQClassifier(cfg, **overrides)
+
+
 def mdeq_large(**overrides: Any) -> MDEQClassifier:
     """CIFAR-10 MDEQ-large: 4 branches [32, 64, 128, 256], head [14, 28, 56, 112], final 1680 (~10-11M)."""
     cfg = MDEQConfig(channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680)

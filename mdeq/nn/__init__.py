@@ -12,7 +12,7 @@ from mdeq.nn.norms import (
     remove_spectral_norm,
     remove_weight_norm,
 )
-from mdeq.nn.multiscale import MultiScaleDEQ, MultiScaleInit, MultiScaleMap, MultiScaleSkipDEQ, NoConnection
+from mdeq.nn.multiscale import MultiScaleDEQ, MultiScaleInit, MultiScaleMap, MultiScaleNeuralODE, MultiScaleSkipDEQ, NoConnection
 
 __all__ = [
     "DEQ",
@@ -20,6 +20,7 @@ __all__ = [
     "MultiScaleDEQ",
     "MultiScaleInit",
     "MultiScaleMap",
+    "MultiScaleNeuralODE",
     "MultiScaleSkipDEQ",
     "NoConnection",
     "SkipDEQ",

@@ -12,6 +12,7 @@ from mdeq.core.backward import BackwardSpec, UnrolledBackward, get_backward
 from mdeq.core.equilibrium import solve_equilibrium
 from mdeq.core.errors import WarningThrottle, check_policy
 from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
+from mdeq.core.neural_ode import NeuralODE
 from mdeq.core.packing import State, StatePacker
 from mdeq.core.solution import DEQSolution
 from mdeq.core.solvers import FixedPoint, SolverSpec, get_solver
@@ -81,6 +82,12 @@ class DEQ(nn.Module):
             this factor times its initial residual (or becomes NaN/Inf).
         record_trace: keep the residual of every iteration in ``solution.trace``.
         check_input: reject NaN/Inf inputs with a clear error (one device sync per call).
+        mode: ``"equilibrium"`` (default: solve for z*) or ``"neural_ode"``: integrate
+            dz/dt = f(z, x) - z from the initial state over ``t_span`` and return z(T) instead
+            (a :class:`~mdeq.core.neural_ode.NeuralODE` instance sets method, tolerances and
+            ``gradient="adjoint"`` or ``"backprop"``). Solver, backward and tolerance settings
+            apply to equilibrium mode only.
+        t_span: (t0, T) for ``mode="neural_ode"``.
     """
 
     def __init__(
@@ -99,9 +106,12 @@ class DEQ(nn.Module):
         divergence_factor: float = 1e2,
         record_trace: bool = False,
         check_input: bool = True,
+        mode: str | NeuralODE = "equilibrium",
+        t_span: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         check_cell_signature(f)
+        self.neural_ode = _neural_ode_mode(mode, t_span, f, jacobian_regularization)
         self.f = f
         self.solver = get_solver(solver)
         self.backward_mode = get_backward(backward)
@@ -148,6 +158,8 @@ class DEQ(nn.Module):
 
     def extra_repr(self) -> str:
         init = self.init if isinstance(self.init, str) else type(self.init).__name__
+        if self.neural_ode is not None:
+            return f"mode={self.neural_ode}, init={init!r}"
         return (
             f"solver={self.solver}, backward={self.backward_mode}, tol={self.tol:g}, max_steps={self.max_steps}, "
             f"stop_mode={self.stop_mode!r}, init={init!r}, jacobian_regularization={self.jacobian_regularization}"
@@ -235,6 +247,8 @@ class DEQ(nn.Module):
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
             begin_solve(self.f.modules())
 
+        if self.neural_ode is not None and unroll is None:
+            return self._integrate(f_flat, z0_flat, packer, z0, x)
         use_jr = self.jacobian_regularization is not None and self.training
         if unroll is not None:
             if not (isinstance(unroll, int) and unroll >= 1):
@@ -280,6 +294,58 @@ class DEQ(nn.Module):
             backward_record=result.backward_record,
         )
         return z_star, solution
+
+
+    def _integrate(self, f_flat: Callable[[Tensor], Tensor], z0_flat: Tensor, packer: StatePacker, z0: State, x: Any) -> tuple[State, DEQSolution]:
+        """Neural-ODE mode: z(T) of dz/dt = f(z, x) - z, with the distance from steady state."""
+        assert self.neural_ode is not None
+        leaves = [p for p in self.f.parameters() if p.requires_grad] if isinstance(self.f, nn.Module) else []
+        leaves += [t for t in _tensors(x) if t.requires_grad]
+        record = self.neural_ode.integrate(f_flat, z0_flat, leaves)
+        with torch.no_grad():
+            abs_r = torch.linalg.vector_norm(record.velocity, dim=1)
+            rel_r = abs_r / (torch.linalg.vector_norm(record.velocity + record.z, dim=1) + torch.finfo(abs_r.dtype).tiny)
+        ones = torch.ones_like(abs_r, dtype=torch.bool)
+        solution = DEQSolution(
+            z_star=packer.unpack(record.z),
+            z0=z0,
+            residual=rel_r,
+            abs_residual=abs_r,
+            nfe=record.nfe,
+            nsteps=record.nattempts,
+            converged=ones,
+            diverged=~ones,
+            solver=self.neural_ode.describe(),
+            tol=self.neural_ode.rtol,
+            stop_mode="rel",
+        )
+        return solution.z_star, solution
+
+
+def _neural_ode_mode(mode: Any, t_span: Any, f: Any, jacobian_regularization: Any) -> NeuralODE | None:
+    """Validate ``mode``/``t_span``; the :class:`NeuralODE` options in neural-ODE mode, else None."""
+    if isinstance(mode, NeuralODE):
+        if t_span is not None:
+            raise ValueError("give t_span either to NeuralODE(...) or to the layer, not both")
+        ode: NeuralODE | None = mode
+    elif mode == "neural_ode":
+        if t_span is None:
+            raise ValueError("mode='neural_ode' needs t_span=(t0, T), the integration interval")
+        ode = NeuralODE(t_span=tuple(t_span))  # type: ignore[arg-type]
+    elif mode == "equilibrium":
+        if t_span is not None:
+            raise ValueError("t_span only applies to mode='neural_ode'")
+        return None
+    else:
+        raise ValueError(f"mode must be 'equilibrium', 'neural_ode' or a NeuralODE, got {mode!r}")
+    if jacobian_regularization not in (None, False):
+        raise ValueError("Jacobian regularization applies to equilibrium mode, not to mode='neural_ode'")
+    if ode.gradient == "adjoint" and not isinstance(f, nn.Module):
+        raise ValueError(
+            "the adjoint gradient needs f to be an nn.Module (its parameters must be known to "
+            "integrate their gradients); wrap the cell in a module or use NeuralODE(gradient='backprop')"
+        )
+    return ode
 
 
 class SkipDEQ(DEQ):

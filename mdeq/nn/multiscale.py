@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
+from mdeq.core.neural_ode import NeuralODE
 from mdeq.nn.deq import DEQ, check_cell_signature
 
 
@@ -180,3 +181,26 @@ class MultiScaleSkipDEQ(MultiScaleDEQ):
             raise ValueError(f"init_layers needs one module per scale ({len(list(main_layers))}), got {len(list(init_layers))}")
         init = MultiScaleInit(init_layers) if init_layers is not None else "f0"
         super().__init__(main_layers, mapping_layers, post_fuse_layers, solver, scales, init=init, **kwargs)
+
+
+class MultiScaleNeuralODE(MultiScaleDEQ):
+    """The multiscale cell integrated over a fixed time span instead of solved to equilibrium
+    (DeepEquilibriumNetworks.jl's ``MultiScaleNeuralODE``): returns the per-scale z(T) of
+    dz/dt = f(z, x) - z. ``t_span=(t0, T)``, or ``mode=NeuralODE(...)`` for method, tolerances
+    and ``gradient="adjoint"`` / ``"backprop"``. Only a constructor over :class:`DEQ`."""
+
+    def __init__(
+        self,
+        main_layers: Sequence[nn.Module],
+        mapping_layers: Sequence[Sequence[nn.Module | None]],
+        post_fuse_layers: Sequence[nn.Module | None] | None = None,
+        t_span: tuple[float, float] | None = (0.0, 1.0),
+        scales: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        mode = kwargs.pop("mode", "neural_ode")
+        if mode != "neural_ode" and not isinstance(mode, NeuralODE):
+            raise ValueError(f"MultiScaleNeuralODE is the neural-ODE mode; got mode={mode!r}")
+        if isinstance(mode, NeuralODE):
+            t_span = None
+        super().__init__(main_layers, mapping_layers, post_fuse_layers, scales=scales, mode=mode, t_span=t_span, **kwargs)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mdeq.core.solvers.base import Map, Solver
+from mdeq.core.solvers.base import Map, Solver, select_rows
 from mdeq.core.solvers.registry import register_solver
 
 
@@ -42,10 +42,10 @@ class Anderson(Solver):
         if torch.is_grad_enabled():
             return {"x": [], "f": [], "k": 0}
         b, d = z0.shape
-        return {
-            "X": z0.new_zeros(b, self.m, d),
-            "F": z0.new_zeros(b, self.m, d),
-            "G": z0.new_zeros(b, self.m, d),
+        return {  # only the first min(k, m) slots are ever read, so no need to zero them
+            "X": z0.new_empty(b, self.m, d),
+            "F": z0.new_empty(b, self.m, d),
+            "G": z0.new_empty(b, self.m, d),
             "GG": z0.new_zeros(b, self.m, self.m),
             "k": 0,
         }
@@ -77,7 +77,7 @@ class Anderson(Solver):
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
         X, F, GG = self._history(state, z, fz)
         n = X.shape[1]
-        plain = self.beta * fz + (1.0 - self.beta) * z
+        plain = fz if self.beta == 1.0 else self.beta * fz + (1.0 - self.beta) * z
         if n == 1:
             return plain
         scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(GG.dtype).tiny)
@@ -89,9 +89,8 @@ class Anderson(Solver):
         total = w.sum(dim=1, keepdim=True)
         alpha = w / total
         ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & (total[:, 0].abs() > 0)
-        mixed_f = (alpha[:, :, None] * F).sum(dim=1)
-        if self.beta == 1.0:
-            mixed = mixed_f
-        else:
-            mixed = self.beta * mixed_f + (1.0 - self.beta) * (alpha[:, :, None] * X).sum(dim=1)
-        return torch.where(ok[:, None], mixed, plain)
+        coeff = alpha[:, None, :]  # (b, 1, n): weighted sums over the history as batched products
+        mixed = torch.bmm(coeff, F)[:, 0]
+        if self.beta != 1.0:
+            mixed = self.beta * mixed + (1.0 - self.beta) * torch.bmm(coeff, X)[:, 0]
+        return select_rows(ok, mixed, plain)

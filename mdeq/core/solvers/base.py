@@ -98,6 +98,21 @@ class _StopCheck:
         return False
 
 
+def select_rows(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per sample (row) ``a`` where ``mask`` else ``b``, for (batch, dim) tensors.
+
+    On the CPU reading a flag costs nothing, so a uniform mask (the common case: every sample
+    active, every proposal finite) skips the full-size select; on accelerators the select always
+    runs, keeping solver loops free of host synchronisation.
+    """
+    if mask.device.type == "cpu":
+        if bool(mask.all()):
+            return a
+        if not bool(mask.any()):
+            return b
+    return torch.where(mask[:, None], a, b)
+
+
 class ConvergenceTracker:
     """Per-sample residuals, best iterate, convergence and divergence, shared by all solvers."""
 
@@ -132,6 +147,10 @@ class ConvergenceTracker:
         self.trace: list[Tensor] | None = [] if record_trace else None
         self.step = 0
 
+    @staticmethod
+    def pick(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return select_rows(mask, a, b)
+
     def observe(self, z: Tensor, fz: Tensor) -> Tensor:
         """Record the residual of iterate ``z`` (given f(z)); return the still-active mask."""
         diff = fz - z
@@ -146,7 +165,7 @@ class ConvergenceTracker:
         self.best_r = torch.where(improved, r, self.best_r)
         self.best_abs = torch.where(improved, abs_r, self.best_abs)
         self.best_rel = torch.where(improved, rel_r, self.best_rel)
-        self.best_z = torch.where(improved[:, None], z, self.best_z)
+        self.best_z = self.pick(improved, z, self.best_z)
         self.best_step = torch.where(improved, torch.full_like(self.best_step, self.step), self.best_step)
         # Blow-up is measured against the first residual, not the best one: solvers are not
         # monotone, and near the precision floor a 100x jump over the best is only noise.
@@ -166,11 +185,13 @@ class ConvergenceTracker:
         non-finite proposal (e.g. a singular extrapolation) by a plain fixed-point step.
 
         Returns the next iterate and the mask of samples that took the solver's proposal."""
-        proposal_ok = torch.isfinite(proposed).all(dim=1)
+        # One reduction instead of an elementwise isfinite: a row with NaN/Inf sums to NaN/Inf (a
+        # finite row whose sum overflows is also refused, and takes the plain step instead).
+        proposal_ok = torch.isfinite(proposed.sum(dim=1))
         took = self.active & proposal_ok & ~self.diverged
-        proposed = torch.where(proposal_ok[:, None], proposed, fz)
-        nxt = torch.where(self.active[:, None], proposed, z)
-        return torch.where(self.diverged[:, None], self.best_z, nxt), took
+        proposed = self.pick(proposal_ok, proposed, fz)
+        nxt = self.pick(self.active, proposed, z)
+        return self.pick(~self.diverged, nxt, self.best_z), took
 
     def give_up(self, mask: Tensor) -> None:
         """Stop samples the solver cannot continue (e.g. an ODE solve reached its end time)."""
@@ -264,7 +285,7 @@ class Solver:
             cached = self.proposal_fz(state)
             # Reuse f at the proposal where it was taken; frozen samples keep their f(z). (Diverged
             # samples, reset to their best iterate, are inactive: their stale f(z) is never used.)
-            fz = None if cached is None else torch.where(took[:, None], cached, fz)
+            fz = None if cached is None else tracker.pick(took, cached, fz)
             gave_up = self.exhausted(state)
             if gave_up is not None:
                 tracker.give_up(gave_up)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mdeq.core.solvers.base import Map, Solver, batched_dot
+from mdeq.core.solvers.base import Map, Solver, batched_dot, select_rows
 from mdeq.core.solvers.registry import register_solver
 
 
@@ -39,12 +39,14 @@ class Broyden(Solver):
             raise ValueError(f"Broyden step_size must be in (0, 1], got {self.step_size}")
 
     def init_state(self, z0: Tensor) -> Any:
-        # Without autograd the low-rank factors live in zero-initialised ring buffers written in
-        # place (unused slots contribute nothing); under autograd they are lists of tensors.
+        # Without autograd the low-rank factors live in ring buffers written in place (only the
+        # first min(k, memory) slots are read); under autograd they are lists of tensors.
+        # "Bg" keeps B g of the previous step, so each step needs one product with B and one
+        # with B^T over the history instead of three.
         if torch.is_grad_enabled():
-            return {"u": [], "v": [], "z": None, "g": None, "k": 0}
+            return {"u": [], "v": [], "z": None, "g": None, "Bg": None, "k": 0}
         b, d = z0.shape
-        return {"U": z0.new_zeros(b, self.memory, d), "V": z0.new_zeros(b, self.memory, d), "z": None, "g": None, "k": 0}
+        return {"U": z0.new_empty(b, self.memory, d), "V": z0.new_empty(b, self.memory, d), "z": None, "g": None, "Bg": None, "k": 0}
 
     @staticmethod
     def _factors(state: Any) -> tuple[Tensor, Tensor] | None:
@@ -76,8 +78,10 @@ class Broyden(Solver):
             slot = state["k"] % self.memory
             U[:, slot].copy_(u)
             V[:, slot].copy_(v)
-            U.mul_(keep[:, None, None])
-            V.mul_(keep[:, None, None])
+            if keep.device.type != "cpu" or not bool(keep.all()):  # CPU: skip when nobody restarts
+                n = min(state["k"] + 1, self.memory)
+                U[:, :n].mul_(keep[:, None, None])
+                V[:, :n].mul_(keep[:, None, None])
         else:
             us, vs = state["u"], state["v"]
             us.append(u)
@@ -90,20 +94,23 @@ class Broyden(Solver):
 
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
         g = fz - z
+        uv = self._factors(state)
+        bg = self._matvec(uv, g)  # B g with the current estimate
         if state["z"] is not None:
             dz = z - state["z"]
             dg = g - state["g"]
-            uv = self._factors(state)
-            b_dg = self._matvec(uv, dg)
+            b_dg = bg - state["Bg"]  # B dg; B g_prev was computed with this very B last step
             v = self._rmatvec(uv, dz)
             denom = batched_dot(v, dg)
             size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
             ok = torch.isfinite(denom) & (denom.abs() > 1e3 * torch.finfo(z.dtype).eps * size) & (size > 0)
             safe = torch.where(ok, denom, torch.ones_like(denom))
-            u = torch.where(ok[:, None], (dz - b_dg) / safe[:, None], torch.zeros_like(dz))
-            v = torch.where(ok[:, None], v, torch.zeros_like(v))
+            u = select_rows(ok, (dz - b_dg) / safe[:, None], torch.zeros_like(dz))
+            v = select_rows(ok, v, torch.zeros_like(v))
             gnorm = torch.linalg.vector_norm(g, dim=1)
-            grew = gnorm > self.restart_factor * torch.linalg.vector_norm(state["g"], dim=1)
-            self._push(state, u, v, ~grew)
-        state["z"], state["g"] = z, g
-        return z - self.step_size * self._matvec(self._factors(state), g)
+            keep = ~(gnorm > self.restart_factor * torch.linalg.vector_norm(state["g"], dim=1))
+            self._push(state, u, v, keep)
+            # The updated estimate times g: B' g = B g + u (v . g), or -g where B restarted at -I.
+            bg = select_rows(keep, bg + u * batched_dot(v, g)[:, None], -g)
+        state["z"], state["g"], state["Bg"] = z, g, bg
+        return z - self.step_size * bg
