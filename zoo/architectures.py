@@ -10,6 +10,7 @@ ARCHITECTURES = (
     "mdeq_tiny",
     "mdeq_tiny_gray",
     "mdeq_mnist",
+    "deq_mlp_mnist",
     "mdeq_large",
     "mdeq_imagenet_small",
     "conv_deq_small",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -63,6 +65,63 @@ def get_jacobian_regularization(spec: Any) -> JacobianRegularization | None:
     raise TypeError(f"jacobian_regularization must be None, bool, a backend name, a dict or JacobianRegularization; got {spec!r}")
 
 
+_PROBE_KEYS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("mdeq_probe_keys", default=None)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic; shifts made logical)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def keyed_normal(keys: Tensor, dim: int, dtype: torch.dtype, stream: int = 0) -> Tensor:
+    """Standard normal probes of shape (len(keys), dim) that depend only on each row's integer
+    key (and ``stream``), not on the batch they sit in or the device: a counter-based generator
+    (SplitMix64 hashes, Box-Muller). Used so that a sample gets the same Hutchinson probe in a
+    single process and in any data-parallel shard."""
+    keys = keys.to(torch.int64)
+    idx = torch.arange(dim, device=keys.device, dtype=torch.int64)
+    offset = _signed((stream * 0x94D049BB133111EB) & _MASK64)
+    base = _splitmix64(keys * _GOLDEN + offset)[:, None] + idx[None, :] * _signed((2 * 0x9E3779B97F4A7C15) & _MASK64)
+    b1, b2 = _splitmix64(base), _splitmix64(base + _GOLDEN)
+    u1 = (((b1 >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
+    u2 = ((b2 >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).to(dtype)
+
+
+@contextlib.contextmanager
+def probe_keys(keys: Tensor | None) -> Iterator[None]:
+    """Within this context, Hutchinson probes are drawn per sample from ``keys`` (one integer per
+    sample of the batch) instead of the global RNG: estimates are reproducible per sample and
+    identical however the batch is sharded across processes."""
+    token = _PROBE_KEYS.set(keys)
+    try:
+        yield
+    finally:
+        _PROBE_KEYS.reset(token)
+
+
+def _probe(z: Tensor, p: int) -> Tensor:
+    keys = _PROBE_KEYS.get()
+    if keys is None:
+        return torch.randn_like(z)
+    if keys.shape != (z.shape[0],):
+        raise ValueError(f"probe_keys has shape {tuple(keys.shape)} for a batch of {z.shape[0]} samples; give one key per sample")
+    return keyed_normal(keys.to(z.device), z.shape[1], z.dtype, stream=p)
+
+
 def jacobian_frobenius(
     f: Callable[[Tensor], Tensor],
     z: Tensor,
@@ -75,8 +134,8 @@ def jacobian_frobenius(
     """Hutchinson estimate of mean over the batch of ||df/dz||_F^2 / dim for flat (batch, dim) z."""
     dim = z.shape[1]
     total = z.new_zeros(())
-    for _ in range(n_probes):
-        eps = torch.randn_like(z)
+    for p in range(n_probes):
+        eps = _probe(z, p)
         if backend == "vjp":
             if not z.requires_grad or fz.grad_fn is None:
                 raise RuntimeError("the 'vjp' Jacobian estimate needs f(z) computed with a graph from z")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mdeq.core.jacobian import JacobianRegularization
+from mdeq.core.jacobian import JacobianRegularization, probe_keys
 from mdeq.core.solution import DEQSolution
 from mdeq.lightning.recipes import (
     OPTIMIZERS,
@@ -112,7 +112,16 @@ class DEQLightningModule(pl.LightningModule):
         self._enter(training)
         if training and self.global_step < self.pretrain_steps:
             return self.backbone(x, return_solution=True, unroll=self.pretrain_unroll)
-        return self.backbone(x, return_solution=True)
+        with probe_keys(self._probe_keys(len(x), x.device) if training else None):
+            return self.backbone(x, return_solution=True)
+
+    def _probe_keys(self, batch_size: int, device: torch.device) -> Tensor:
+        """One Hutchinson-probe key per sample: (seed, step, position in the global batch). With
+        the DataModules' sampler, rank r of W holds global positions r, r + W, ... of the batch
+        a single process would see, so each sample gets the same probe in both settings."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        base = (self.jacobian.seed * 1_000_003 + self.global_step) << 20
+        return base + torch.arange(batch_size, device=device) * world + rank
 
     def regularized(self, loss: Tensor, solution: DEQSolution, prefix: str) -> Tensor:
         if solution.jacobian_loss is not None and self.jacobian.weight > 0:

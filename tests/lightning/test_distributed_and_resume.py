@@ -22,22 +22,41 @@ DDP_SCRIPT = textwrap.dedent(
     warnings.simplefilter("ignore"); logging.disable(logging.WARNING)
     import torch, lightning.pytorch as pl
     from torch import nn
-    from mdeq import DEQ, TanhCell
+    from mdeq import DEQ, MultiScaleDEQ, SkipDEQ, TanhCell
     from mdeq.lightning import ClassificationModule, DigitsDataModule
 
-    class Backbone(nn.Module):
+    class Scale0(nn.Module):
         def __init__(self):
             super().__init__()
-            self.enc = nn.Linear(64, 32)
-            self.deq = DEQ(TanhCell(32, 32, weight_scale=0.5), tol=1e-6, max_steps=60, state_shape=(32,))
+            self.lin = nn.Linear(24, 24)
+        def forward(self, z, x):
+            return torch.tanh(0.5 * self.lin(z) + x)
+
+    class Backbone(nn.Module):
+        def __init__(self, variant):
+            super().__init__()
+            self.enc = nn.Linear(64, 32 if variant != "multiscale" else 24)
+            if variant == "deq":
+                self.deq = DEQ(TanhCell(32, 32, weight_scale=0.5), tol=1e-6, max_steps=60, state_shape=(32,))
+            elif variant == "skip":
+                self.deq = SkipDEQ(TanhCell(32, 32, weight_scale=0.5), nn.Linear(32, 32), tol=1e-6, max_steps=60, state_shape=(32,))
+            else:
+                main = [Scale0(), nn.Sequential(nn.Linear(8, 8), nn.Tanh())]
+                mapping = [[None, nn.Linear(24, 8)], [nn.Linear(8, 24), None]]
+                for row in mapping:
+                    for m in row:
+                        if m is not None:
+                            nn.init.normal_(m.weight, std=0.05)
+                self.deq = MultiScaleDEQ(main, mapping, scales=((24,), (8,)), tol=1e-6, max_steps=60)
             self.head = nn.Linear(32, 10)
         def forward(self, x, return_solution=False):
             z, sol = self.deq(self.enc(x.flatten(1)))
+            z = torch.cat(z, dim=1) if isinstance(z, tuple) else z
             return (self.head(z), sol) if return_solution else self.head(z)
 
-    mode, out = sys.argv[1], sys.argv[2]
+    mode, out, variant, jac = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     pl.seed_everything(0, verbose=False)
-    module = ClassificationModule(backbone=Backbone(), lr=1e-2, scheduler="constant")
+    module = ClassificationModule(backbone=Backbone(variant), lr=1e-2, scheduler="constant", jacobian_weight=jac, skip_weight=1.0)
     dm = DigitsDataModule(batch_size=32 if mode == "single" else 16, seed=0)
     kw = dict(strategy="ddp", devices=2) if mode == "ddp" else dict(devices=1)
     trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
@@ -56,13 +75,21 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize(
+    ("variant", "jacobian_weight", "port"),
+    [("deq", 0.0, 29517), ("skip", 0.5, 29518), ("multiscale", 0.5, 29519)],
+    ids=["deq", "skip-deq+jacobian", "multiscale+jacobian"],
+)
+def test_ddp_two_processes_equal_one_process(tmp_path, variant, jacobian_weight, port):
     script = tmp_path / "ddp_run.py"
     # Same global batch, same shuffled order: the DataModule's sampler shards one permutation.
+    # With Jacobian regularization on, each sample's Hutchinson probe is keyed by its position
+    # in the global batch, so the two shards draw exactly the probes one process draws.
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": "29517"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(port)}
     for mode in ("single", "ddp"):
-        proc = subprocess.run([sys.executable, str(script), mode, str(tmp_path / f"{mode}.pt")], env=env, capture_output=True, text=True, timeout=500)
+        cmd = [sys.executable, str(script), mode, str(tmp_path / f"{mode}.pt"), variant, str(jacobian_weight)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
         assert proc.returncode == 0, proc.stderr[-3000:]
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     assert single["state"].keys() == ddp["state"].keys()
