@@ -25,6 +25,7 @@ for _name in ARCHITECTURES:
 # with `mdeq export`; the card records the config, the measuring command and the results).
 PRETRAINED = {
     "mdeq_digits": ("mdeq_digits", "digits"),
+    "deq_mlp_mnist": ("deq_mlp_mnist", "mnist"),
 }
 
 for _name, (_arch, _task) in PRETRAINED.items():

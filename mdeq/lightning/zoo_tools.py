@@ -26,19 +26,24 @@ TASKS: dict[str, type[ClassificationDataModule]] = {
 }
 
 
-def task_datamodule(task: str, root: str | None = None, batch_size: int = 256) -> ClassificationDataModule:
+TEST_SLICE = 2000
+"""Size of the fixed test slice (the first images of the official test split) that the per-task
+tests re-measure; cards record the accuracy on it next to the full-test accuracy."""
+
+
+def task_datamodule(task: str, root: str | None = None, batch_size: int = 256, limit_test: int | None = None) -> ClassificationDataModule:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "val_fraction": 0.0}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "val_fraction": 0.0, "limit_test": limit_test}
     if task != "digits" and root is not None:
         kwargs["root"] = root
     return TASKS[task](**kwargs)
 
 
-def evaluate(model: nn.Module, task: str, root: str | None = None, batch_size: int = 256) -> dict[str, float]:
-    """Test-split metrics of ``model`` on ``task``: accuracy, top-5, mean forward f-evaluations per
-    batch, residual statistics, fraction converged."""
-    dm = task_datamodule(task, root, batch_size)
+def evaluate(model: nn.Module, task: str, root: str | None = None, batch_size: int = 256, limit_test: int | None = None) -> dict[str, float]:
+    """Test-split metrics of ``model`` on ``task`` (the first ``limit_test`` images when given):
+    accuracy, top-5, mean forward f-evaluations per batch, residual statistics, fraction converged."""
+    dm = task_datamodule(task, root, batch_size, limit_test)
     module = ClassificationModule(backbone=model, num_classes=dm.num_classes)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -75,6 +80,7 @@ def export_checkpoint(
     model.load_state_dict(state, strict=True)
     model.eval()
     metrics = evaluate(model, task, root)
+    sliced = evaluate(model, task, root, limit_test=TEST_SLICE) if task != "digits" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{name}.safetensors"
@@ -97,6 +103,7 @@ def export_checkpoint(
             "residual_mean": metrics.get("residual_mean"),
             "converged_fraction": metrics.get("converged_fraction"),
             "num_test_samples": int(metrics["num_test_samples"]),
+            **({"test_slice": {"first_n": TEST_SLICE, "accuracy": sliced["acc"]}} if sliced else {}),
         },
         "measured_with": f"mdeq test --model {name} --data {task}" + (" --data-root <root>" if task != "digits" else ""),
         "train_config": config,
