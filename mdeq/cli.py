@@ -4,6 +4,7 @@ a few mdeq commands (demo, solvers, models)."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -47,11 +48,17 @@ def _lightning_cli(argv: list[str]) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
+    from mdeq.lightning.checkpoint_io import use_atomic_checkpoints
     from mdeq.lightning.classification import DEQLightningModule
 
     class MDEQCLI(LightningCLI):
-        """After ``fit``: test the best checkpoint (when the data has a test split) and print
-        accuracy and solver statistics."""
+        """Checkpoints are written atomically; after ``fit``: test the best checkpoint (when the
+        data has a test split) and print accuracy and solver statistics."""
+
+        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            trainer = super().instantiate_trainer(**kwargs)
+            use_atomic_checkpoints(trainer)
+            return trainer
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or getattr(self.trainer, "fast_dev_run", False):

@@ -1,6 +1,7 @@
 """Lightning integration: LightningModules, DataModules, loggers (the core knows nothing of it)."""
 
 from mdeq.lightning.callbacks import ResidualPlotCallback
+from mdeq.lightning.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
 from mdeq.plots import residual_figure
 from mdeq.lightning.classification import ClassificationModule, DEQLightningModule, build_backbone
 from mdeq.lightning.guard import ConvergenceGuard
@@ -18,6 +19,8 @@ from mdeq.lightning.loggers import AutoWandbLogger, wandb_key_available
 from mdeq.lightning.regression import RegressionModule
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "use_atomic_checkpoints",
     "AutoWandbLogger",
     "CIFAR10DataModule",
     "ClassificationDataModule",
