@@ -78,7 +78,7 @@ def _lightning_cli(argv: list[str]) -> None:
             pl.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            args=argv,
+            args=None if argv == sys.argv[1:] else argv,  # (both given: Lightning warns)
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
@@ -223,7 +223,25 @@ def export(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mdeq`` console script."""
+    """Entry point of the ``mdeq`` console script. Errors in what the user gave (a missing
+    dataset, an unknown or tampered model) print one clear line and exit with status 2;
+    ``MDEQ_DEBUG=1`` shows the full traceback instead."""
+    import os
+
+    from mdeq.lightning.data.base import DatasetNotFoundError
+    from zoo.registry import UnknownModelError
+    from zoo.weights import WeightsError
+
+    try:
+        return _main(argv)
+    except (DatasetNotFoundError, UnknownModelError, WeightsError) as err:
+        if os.environ.get("MDEQ_DEBUG"):
+            raise
+        print(f"mdeq: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())

@@ -33,6 +33,10 @@ class ZooEntry:
 _MODELS: dict[str, ZooEntry] = {}
 
 
+class UnknownModelError(ValueError):
+    """No model is registered under the requested name (the message lists close matches)."""
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Decorator: register an architecture constructor under its function name."""
     if fn.__name__ in _MODELS:
@@ -70,7 +74,7 @@ def entry(name: str) -> ZooEntry:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}.")
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}.")
     return _MODELS[name]
 
 
@@ -83,12 +87,55 @@ def card(name: str) -> dict[str, Any]:
     return read_card(path.with_name(e.card_file))
 
 
+def _build(e: ZooEntry, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the constructor; an unknown keyword names the model and the valid options."""
+    try:
+        return e.architecture(**kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        bad = str(err).rsplit("argument", 1)[-1].strip(" '\"")
+        valid = _valid_options(e.architecture)
+        close = difflib.get_close_matches(bad, valid, n=2, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise TypeError(f"{e.name!r} has no option {bad!r}.{hint} Valid options: {', '.join(valid) or 'none'}.") from err
+
+
+def _valid_options(fn: Callable[..., nn.Module]) -> list[str]:
+    """Keyword options a zoo constructor accepts: its own, its model class's (MDEQConfig fields
+    for MDEQ classifiers), and the DEQ layer's when the class forwards extra keywords to it."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from mdeq.models.mdeq_classifier import MDEQClassifier, MDEQConfig
+    from mdeq.nn.deq import DEQ
+
+    def named(f: Callable[..., Any]) -> tuple[list[str], bool]:
+        ps = list(inspect.signature(f).parameters.values())
+        return [p.name for p in ps if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"], any(p.kind == p.VAR_KEYWORD for p in ps)
+
+    names, _ = named(fn)
+    try:
+        ret = typing.get_type_hints(fn).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the signature
+        ret = None
+    if ret is MDEQClassifier:
+        names += [f.name for f in dataclasses.fields(MDEQConfig)]
+    elif isinstance(ret, type) and issubclass(ret, nn.Module):
+        own, forwards = named(ret.__init__)
+        names += own
+        if forwards:
+            names += named(DEQ.__init__)[0][1:]  # the DEQ layer's options (not f)
+    return sorted(set(names))
+
+
 def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build the model registered as ``name``; ``pretrained=True`` loads its shipped weights
     (verified: SHA-256, parameter names and shapes) and returns it in eval mode."""
     e = entry(name)
     if not pretrained:
-        return e.architecture(**{**e.kwargs, **kwargs})
+        return _build(e, {**e.kwargs, **kwargs})
     if e.weights is None:
         with_weights = [n for n in list_models(pretrained=True)]
         raise ValueError(
@@ -98,6 +145,6 @@ def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if path is None:
         raise WeightsError(f"weights {e.weights!r} for {name!r} not found in {[str(d) for d in checkpoint_dirs()]}")
     c = read_card(path.with_name(e.card_file))  # type: ignore[arg-type]
-    model = e.architecture(**{**c.get("architecture_kwargs", {}), **e.kwargs, **kwargs})
+    model = _build(e, {**c.get("architecture_kwargs", {}), **e.kwargs, **kwargs})
     load_weights(model, path, sha256=c.get("sha256"))
     return model.eval()

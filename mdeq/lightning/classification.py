@@ -81,6 +81,9 @@ class DEQLightningModule(pl.LightningModule):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {SCHEDULERS}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}")
+        for what, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("warmup_steps", warmup_steps), ("skip_weight", skip_weight)):
+            if not value >= 0 or (what == "lr" and value == 0):
+                raise ValueError(f"{what} must be {'> 0' if what == 'lr' else '>= 0'}, got {value!r}")
         self.jacobian = JacobianSchedule(jacobian_weight, jacobian_probability, jacobian_start_weight, jacobian_warmup_steps, seed)
         self.regularizer = JacobianRegularization(backend=jacobian_backend, n_probes=jacobian_probes)
         self.skip_weight = skip_weight

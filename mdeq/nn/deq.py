@@ -49,6 +49,17 @@ def _tensors(x: Any) -> list[Tensor]:
     return []
 
 
+def _cell_failure(err: BaseException, state: Any, x: Any) -> str:
+    """A message for an exception raised inside the cell, naming the shapes it was called with."""
+    shapes = [tuple(t.shape) for t in (state if isinstance(state, tuple) else (state,))]
+    xs = [tuple(t.shape) for t in _tensors(x)]
+    return (
+        f"the cell f(z, x) failed when called with z of shape {shapes[0] if len(shapes) == 1 else shapes} and x of shape "
+        f"{xs[0] if len(xs) == 1 else xs}: {err}. Check that the state's shape is what f expects (by default the "
+        f"state has x's shape; otherwise set state_shape=... or pass z0)."
+    )
+
+
 def _first_param(module: Any) -> Tensor | None:
     if isinstance(module, nn.Module):
         for p in module.parameters():
@@ -168,6 +179,8 @@ class DEQ(nn.Module):
     # ---- input checks -------------------------------------------------------------------
     def _check_x(self, x: Any) -> None:
         tensors = _tensors(x)
+        if tensors and tensors[0].dim() >= 1 and tensors[0].shape[0] == 0:
+            raise ValueError(f"x is an empty batch (shape {tuple(tensors[0].shape)}): there is nothing to solve; skip empty batches")
         for t in tensors:
             if not t.dtype.is_floating_point:
                 raise TypeError(f"the input x must be floating point, got dtype {t.dtype}; convert it with x.float()")
@@ -232,7 +245,14 @@ class DEQ(nn.Module):
         f = self.f
 
         def f_flat(z: Tensor) -> Tensor:
-            return packer.pack(f(packer.unpack(z), x), "the output of f(z, x)")
+            state = packer.unpack(z)
+            try:
+                out = f(state, x)
+            except RuntimeError as err:
+                if type(err) is not RuntimeError:  # our own errors (e.g. a nested ConvergenceError) pass
+                    raise
+                raise RuntimeError(_cell_failure(err, state, x)) from err
+            return packer.pack(out, "the output of f(z, x)")
 
         return f_flat, z0_flat, packer, z0
 

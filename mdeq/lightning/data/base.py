@@ -117,6 +117,11 @@ class ClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0 pixels, got {crop_padding}")
+        for what, n in (("limit_train", limit_train), ("limit_test", limit_test)):
+            if n is not None and n < 1:
+                raise ValueError(f"{what} must be a positive number of images (or None for all), got {n}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
