@@ -146,5 +146,8 @@ def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         raise WeightsError(f"weights {e.weights!r} for {name!r} not found in {[str(d) for d in checkpoint_dirs()]}")
     c = read_card(path.with_name(e.card_file))  # type: ignore[arg-type]
     model = _build(e, {**c.get("architecture_kwargs", {}), **e.kwargs, **kwargs})
-    load_weights(model, path, sha256=c.get("sha256"))
+    # Fine-tuning to another class count: everything but the classifier's output layer loads.
+    trained = c.get("num_classes", 10)
+    wanted = kwargs.get("num_classes", trained)
+    load_weights(model, path, sha256=c.get("sha256"), new_classes=(trained, wanted) if wanted != trained else None)
     return model.eval()

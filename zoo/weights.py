@@ -94,8 +94,13 @@ def check_compatible(model: nn.Module, tensors: Mapping[str, Tensor], source: st
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Is it another model's file?")
 
 
-def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
-    """Load ``path`` into ``model`` after checking its SHA-256 (when given), keys and shapes."""
+def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None, new_classes: tuple[int, int] | None = None) -> nn.Module:
+    """Load ``path`` into ``model`` after checking its SHA-256 (when given), keys and shapes.
+
+    ``new_classes=(old, new)``: the model was built for ``new`` classes instead of the file's
+    ``old``; the classifier's output layer (the tensors whose leading size is ``old`` in the file
+    and ``new`` in the model) keeps its fresh initialisation, everything else loads. Any other
+    mismatch is still an error."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -107,6 +112,13 @@ def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) 
                 "Reinstall or re-fetch the weights."
             )
     tensors = read_tensors(path)
+    if new_classes is not None and new_classes[0] != new_classes[1]:
+        old, new = new_classes
+        own = model.state_dict()
+        head = [k for k, v in tensors.items() if k in own and v.dim() >= 1 and v.shape[0] == old and own[k].shape[0] == new and v.shape[1:] == own[k].shape[1:]]
+        if not head:
+            raise WeightsError(f"{path}: no classifier output layer with {old} classes found to re-initialise for {new} classes")
+        tensors = {**tensors, **{k: own[k] for k in head}}  # the fresh head replaces the file's
     check_compatible(model, tensors, str(path))
     model.load_state_dict(tensors, strict=True)
     return model

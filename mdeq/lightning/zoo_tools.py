@@ -95,6 +95,7 @@ def export_checkpoint(
         "dataset": {"digits": "scikit-learn 8x8 digits (seeded stratified 80/20 split, seed 0)", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}[task],
         "preprocessing": {"input_shape": list(dm.input_shape), "mean": list(dm.mean or []), "std": list(dm.std or []), "scale": dm.scale},
         "num_params": sum(p.numel() for p in model.parameters()),
+        "num_classes": dm.num_classes,
         "solver": {"name": deq.solver.name, "options": {k: v for k, v in deq.solver.options().items() if isinstance(v, (int, float, str, bool))}, "tol": deq.tol, "max_steps": deq.max_steps, "stop_mode": deq.stop_mode},
         "metrics": {
             "test_accuracy": metrics.get("acc"),

@@ -76,6 +76,17 @@ def test_shipped_weights_reach_their_card_accuracy(name):
     assert abs(measured["acc"] - sl["accuracy"]) <= 0.005
 
 
+def test_pretrained_with_another_class_count_reinitialises_only_the_head():
+    ref = zoo.create("mdeq_digits", pretrained=True)
+    torch.manual_seed(0)
+    five = zoo.create("mdeq_digits", pretrained=True, num_classes=5)
+    a, b = ref.state_dict(), five.state_dict()
+    changed = sorted(k for k in a if a[k].shape != b[k].shape)
+    assert changed and all(b[k].shape[0] == 5 and a[k].shape[0] == 10 for k in changed)
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in changed)  # the rest is the shipped weights
+    assert five(torch.randn(2, 1, 8, 8)).shape == (2, 5)
+
+
 def test_same_weights_through_timm():
     import timm
 
