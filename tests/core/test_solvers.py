@@ -200,3 +200,13 @@ def test_in_place_and_differentiable_histories_agree(name):
         slow = solver.solve(f, torch.zeros_like(x), tol=0.0, max_steps=25, record_trace=True)
     torch.testing.assert_close(fast.trace, slow.trace.detach(), rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(fast.z, slow.z.detach(), rtol=1e-9, atol=1e-14)
+
+
+def test_select_rows_picks_per_sample_and_skips_uniform_masks():
+    from mdeq.core.solvers.base import select_rows
+
+    a, b = torch.ones(3, 4), torch.zeros(3, 4)
+    mixed = select_rows(torch.tensor([True, False, True]), a, b)
+    assert torch.equal(mixed, torch.tensor([[1.0] * 4, [0.0] * 4, [1.0] * 4]))
+    assert select_rows(torch.ones(3, dtype=torch.bool), a, b) is a  # CPU: no copy when uniform
+    assert select_rows(torch.zeros(3, dtype=torch.bool), a, b) is b
