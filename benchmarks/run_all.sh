@@ -14,3 +14,4 @@ run solver_nfe solver_nfe.py --batch 8
 run model_forward model_forward.py --batch 32
 run ode_steady_state ode_steady_state.py --batch 16
 run backward_linear_solvers backward_linear_solvers.py
+run hard_maps hard_maps.py
