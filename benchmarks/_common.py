@@ -90,6 +90,35 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tu
     return {k: (best[k], out[k]) for k in fns}
 
 
+def training_step_fn(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e-3) -> Callable[[], None]:
+    """One AdamW training step (cross-entropy) of ``model`` on the fixed batch (x, y)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def median_throughput(steps: dict[str, Callable[[], Any]], images_per_call: int, calls_per_block: int, blocks: int) -> dict[str, float]:
+    """Median images/second of each callable over ``blocks`` timed blocks, the callables taking
+    turns block by block (after one warm-up call each)."""
+    import statistics
+
+    for fn in steps.values():
+        fn()
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(blocks):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            for _ in range(calls_per_block):
+                fn()
+            rates[k].append(calls_per_block * images_per_call / (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 class TorchDEQClassifier(nn.Module):
     """An MDEQ classifier whose equilibrium layer is TorchDEQ's instead of ours: the very same
     stem, f and head modules (a deep copy of ``model``), only the solve and backward differ."""

@@ -12,14 +12,12 @@ Usage: python benchmarks/deq_overhead.py [--batch 32] [--steps 5] [--blocks 3]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
-from _common import rows_to_markdown
+from _common import median_throughput, rows_to_markdown, training_step_fn
 from mdeq.models import mdeq_tiny
 
 
@@ -63,29 +61,12 @@ def main() -> None:
     }
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    steps = {}
-    for name, m in models.items():
-        m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-
-        def step(m: nn.Module = m, opt: torch.optim.Optimizer = opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-
-        step()  # warm-up
-        steps[name] = step
-    rates: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.blocks):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            rates[k].append(args.steps * args.batch / (time.perf_counter() - t))
-    ref = statistics.median(rates["resnet_small"])
+    steps = {name: training_step_fn(m.train(), x, y) for name, m in models.items()}
+    rates = median_throughput(steps, args.batch, args.steps, args.blocks)
+    ref = rates["resnet_small"]
     rows = []
     for name, m in models.items():
-        r = statistics.median(rates[name])
+        r = rates[name]
         nfe = ""
         if name.startswith("mdeq"):
             with torch.no_grad():

@@ -18,14 +18,12 @@ Usage: python benchmarks/torchdeq_training.py [--batch 32] [--steps 6] [--blocks
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
-from _common import TorchDEQClassifier, require_torchdeq, rows_to_markdown
+from _common import TorchDEQClassifier, median_throughput, require_torchdeq, rows_to_markdown, training_step_fn
 from mdeq.core.backward import ImplicitBackward, PhantomBackward
 from mdeq.models import mdeq_tiny
 
@@ -39,19 +37,6 @@ SETTINGS = {
         dict(f_solver="anderson", f_max_iter=30, f_tol=1e-3, f_stop_mode="rel", grad=5, tau=0.5),
     ),
 }
-
-
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    return step
 
 
 def main() -> None:
@@ -73,19 +58,11 @@ def main() -> None:
         peer = TorchDEQClassifier(ours, **peer_kw).train()
         x = torch.randn(args.batch, 3, 32, 32)
         y = torch.randint(0, 10, (args.batch,))
-        steps = {"ours": make_step(ours, x, y), "peer": make_step(peer, x, y)}
-        for fn in steps.values():  # warm-up (allocations, BatchNorm statistics)
-            fn()
-        rates: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.blocks):
-            for k, fn in steps.items():
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    fn()
-                rates[k].append(args.steps * args.batch / (time.perf_counter() - t))
+        steps = {"ours": training_step_fn(ours, x, y), "peer": training_step_fn(peer, x, y)}
+        rates = median_throughput(steps, args.batch, args.steps, args.blocks)
         with torch.no_grad():
             _, sol = ours(x, return_solution=True)
-        r_o, r_p = statistics.median(rates["ours"]), statistics.median(rates["peer"])
+        r_o, r_p = rates["ours"], rates["peer"]
         rows.append([name, f"{r_o:.1f}", f"{r_p:.1f}", f"{r_o / r_p:.2f}x", sol.nfe])
         print(" | ".join(map(str, rows[-1])), flush=True)
     print(f"\nmdeq_tiny training step vs TorchDEQ (batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
