@@ -71,3 +71,26 @@ def test_cli_trainers_use_atomic_checkpoints():
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     use_atomic_checkpoints(trainer)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class _Marker:
+    """Unpickling this would create a file: a stand-in for code smuggled into a checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resuming_from_a_checkpoint_carrying_code_refuses_without_running_it(tmp_path):
+    from mdeq.lightning import ClassificationModule, DigitsDataModule
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "global_step": 0, "payload": _Marker(str(marker))}, evil)
+    module = ClassificationModule(backbone="mdeq_digits", backbone_kwargs={"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, limit_train=64), ckpt_path=str(evil))
+    assert not marker.exists()
