@@ -26,6 +26,7 @@ for _name in ARCHITECTURES:
 PRETRAINED = {
     "mdeq_digits": ("mdeq_digits", "digits"),
     "deq_mlp_mnist": ("deq_mlp_mnist", "mnist"),
+    "mdeq_mnist": ("mdeq_mnist", "mnist"),
 }
 
 for _name, (_arch, _task) in PRETRAINED.items():

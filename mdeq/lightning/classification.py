@@ -215,9 +215,9 @@ class ClassificationModule(DEQLightningModule):
         self.num_classes = num_classes
         self.metrics = nn.ModuleDict()
         for split in ("train", "val", "test"):
-            self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes=num_classes, top_k=1)
+            self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
             if num_classes > 5:
-                self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5)
+                self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
 
     def _step(self, batch: Any, split: str) -> tuple[Tensor, DEQSolution]:
         x, y = batch

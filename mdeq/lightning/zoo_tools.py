@@ -53,6 +53,42 @@ def evaluate(model: nn.Module, task: str, root: str | None = None, batch_size: i
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items()} | {"num_test_samples": float(len(dm.test_set))}
 
 
+def card_metrics(metrics: dict[str, float], sliced: dict[str, float] | None) -> dict[str, Any]:
+    """The ``metrics`` block of a model card from :func:`evaluate`'s results (full test split
+    and, for tasks other than digits, the fixed slice)."""
+    out: dict[str, Any] = {
+        "test_accuracy": metrics.get("acc"),
+        "test_top5": metrics.get("top5"),
+        "mean_forward_nfe": metrics.get("nfe"),
+        "residual_mean": metrics.get("residual_mean"),
+        "converged_fraction": metrics.get("converged_fraction"),
+        "num_test_samples": int(metrics["num_test_samples"]),
+    }
+    if sliced is not None:
+        out["test_slice"] = {"first_n": TEST_SLICE, "accuracy": sliced["acc"]}
+    return out
+
+
+def remeasure_card(name: str, root: str | None = None) -> dict[str, Any]:
+    """Re-measure a shipped model's metrics from its weights and rewrite its card's ``metrics``
+    (the weights file and its SHA-256 are untouched)."""
+    import zoo
+    from zoo.weights import read_card, write_card
+
+    entry = zoo.entry(name)
+    path = entry.weights_path()
+    if path is None:
+        raise ValueError(f"{name!r} ships no weights")
+    card_path = path.with_name(entry.card_file)  # type: ignore[arg-type]
+    card = read_card(card_path)
+    model = zoo.create(name, pretrained=True)
+    metrics = evaluate(model, card["task"], root)
+    sliced = evaluate(model, card["task"], root, limit_test=TEST_SLICE) if card["task"] != "digits" else None
+    card["metrics"] = card_metrics(metrics, sliced)
+    write_card(card_path, card)
+    return card
+
+
 def export_checkpoint(
     checkpoint: str,
     name: str,
@@ -97,15 +133,7 @@ def export_checkpoint(
         "num_params": sum(p.numel() for p in model.parameters()),
         "num_classes": dm.num_classes,
         "solver": {"name": deq.solver.name, "options": {k: v for k, v in deq.solver.options().items() if isinstance(v, (int, float, str, bool))}, "tol": deq.tol, "max_steps": deq.max_steps, "stop_mode": deq.stop_mode},
-        "metrics": {
-            "test_accuracy": metrics.get("acc"),
-            "test_top5": metrics.get("top5"),
-            "mean_forward_nfe": metrics.get("nfe"),
-            "residual_mean": metrics.get("residual_mean"),
-            "converged_fraction": metrics.get("converged_fraction"),
-            "num_test_samples": int(metrics["num_test_samples"]),
-            **({"test_slice": {"first_n": TEST_SLICE, "accuracy": sliced["acc"]}} if sliced else {}),
-        },
+        "metrics": card_metrics(metrics, sliced),
         "measured_with": f"mdeq test --model {name} --data {task}" + (" --data-root <root>" if task != "digits" else ""),
         "train_config": config,
         "train_command": f"mdeq fit --config {config}",

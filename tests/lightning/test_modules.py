@@ -114,3 +114,16 @@ def test_residual_figure_without_a_logger_is_saved_as_png(tmp_path):
     pngs = list(tmp_path.rglob("residual_traces/*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 5000
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_accuracy_is_the_fraction_of_correct_samples_not_a_class_average():
+    """3 of 4 right, but class 1's only sample wrong: micro accuracy 0.75, macro would be 0.5."""
+    from mdeq.lightning import ClassificationModule
+
+    m = ClassificationModule(backbone="mdeq_digits", num_classes=10)
+    logits = torch.full((4, 10), -5.0)
+    logits[[0, 1, 2], 0] = 5.0  # predicts 0 for samples 0-2
+    logits[3, 2] = 5.0  # predicts 2, label 1
+    metric = m.metrics["val_acc"]
+    metric(logits, torch.tensor([0, 0, 0, 1]))
+    assert float(metric.compute()) == pytest.approx(0.75)
