@@ -38,7 +38,9 @@ def build_backbone(backbone: Union[str, nn.Module], backbone_kwargs: dict[str, A
     kwargs = dict(backbone_kwargs or {})
     if pretrained:
         kwargs["pretrained"] = True
-    return zoo.create(backbone, **kwargs)
+    # zoo.create(pretrained=True) returns an eval-ready model; Lightning does not switch modes
+    # when fit starts, so hand the trainer a module in training mode (BatchNorm, dropout).
+    return zoo.create(backbone, **kwargs).train()
 
 
 class DEQLightningModule(pl.LightningModule):
