@@ -27,6 +27,7 @@ PRETRAINED = {
     "mdeq_digits": ("mdeq_digits", "digits"),
     "deq_mlp_mnist": ("deq_mlp_mnist", "mnist"),
     "mdeq_mnist": ("mdeq_mnist", "mnist"),
+    "mdeq_fashion_mnist": ("mdeq_mnist", "fashion_mnist"),
 }
 
 for _name, (_arch, _task) in PRETRAINED.items():
