@@ -68,7 +68,6 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("deq_forward/int_dtype", lambda: DEQ(cell())(torch.ones(2, 4, dtype=torch.long)), TypeError, "must be floating point"),
     ("deq_forward/nan_input", lambda: DEQ(cell())(torch.full((2, 4), float("nan"))), ValueError, "NaN or Inf"),
     ("deq_forward/inf_input", lambda: DEQ(cell())(torch.full((2, 4), float("inf"))), ValueError, "NaN or Inf"),
-    ("deq_forward/empty_batch", lambda: DEQ(cell())(torch.ones(0, 4)), ValueError, "empty batch"),
     ("deq_forward/no_batch_dim", lambda: DEQ(cell())(torch.tensor(1.0)), ValueError, "batch dimension"),
     ("deq_forward/wrong_features", lambda: DEQ(cell())(X(2, 5)), RuntimeError, r"cell f\(z, x\) failed when called with z of shape \(2, 5\)"),
     ("deq_forward/z0_shape", lambda: DEQ(cell())(X(2, 4), z0=X(2, 3)), RuntimeError, r"z of shape \(2, 3\) and x of shape \(2, 4\)"),
@@ -128,9 +127,13 @@ def test_bad_input_gets_a_clear_error(case: str, fn: Callable[[], Any], exc: typ
             fn()
 
 
-def test_batch_of_one_is_fine() -> None:
+def test_batch_of_one_and_empty_batch_are_fine() -> None:
+    """Like torch's own layers, a DEQ takes a batch of one and an empty batch (e.g. the tail of
+    an uneven shard), and says so in the solution record."""
     z, sol = DEQ(cell())(X(1, 4))
     assert z.shape == (1, 4) and sol.converged.shape == (1,)
+    z, sol = DEQ(cell())(X(0, 4))
+    assert z.shape == (0, 4) and sol.residual.shape == (0,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained model in eval mode need not converge
         assert mdeq_digits().eval()(X(1, 1, 8, 8)).shape == (1, 10)

@@ -179,8 +179,6 @@ class DEQ(nn.Module):
     # ---- input checks -------------------------------------------------------------------
     def _check_x(self, x: Any) -> None:
         tensors = _tensors(x)
-        if tensors and tensors[0].dim() >= 1 and tensors[0].shape[0] == 0:
-            raise ValueError(f"x is an empty batch (shape {tuple(tensors[0].shape)}): there is nothing to solve; skip empty batches")
         for t in tensors:
             if not t.dtype.is_floating_point:
                 raise TypeError(f"the input x must be floating point, got dtype {t.dtype}; convert it with x.float()")

@@ -78,7 +78,7 @@ def test_bad_module_options_are_clear():
         ClassificationModule(backbone="mdeq_tiniest")
     with pytest.raises(ValueError, match="unknown optimizer"):
         ClassificationModule(**small_mdeq(optimizer="adamax"))
-    with pytest.raises(TypeError, match="unexpected keyword argument 'chanels'"):
+    with pytest.raises(TypeError, match="no option 'chanels'. Did you mean 'channels'"):
         ClassificationModule(backbone="mdeq_digits", backbone_kwargs={"chanels": [8, 8]})
     with pytest.raises(ValueError, match="no pretrained weights ship for 'mdeq_large'"):
         ClassificationModule(backbone="mdeq_large", pretrained=True)
