@@ -117,7 +117,8 @@ class DEQLightningModule(pl.LightningModule):
         self._enter(training)
         if training and self.global_step < self.pretrain_steps:
             return self.backbone(x, return_solution=True, unroll=self.pretrain_unroll)
-        with probe_keys(self._probe_keys(len(x), x.device) if training else None):
+        keyed = training and self.jacobian.weight > 0  # probes are only drawn with the regularizer on
+        with probe_keys(self._probe_keys(len(x), x.device) if keyed else None):
             return self.backbone(x, return_solution=True)
 
     def _probe_keys(self, batch_size: int, device: torch.device) -> Tensor:

@@ -313,7 +313,6 @@ class DEQ(nn.Module):
         )
         return z_star, solution
 
-
     def _integrate(self, f_flat: Callable[[Tensor], Tensor], z0_flat: Tensor, packer: StatePacker, z0: State, x: Any) -> tuple[State, DEQSolution]:
         """Neural-ODE mode: z(T) of dz/dt = f(z, x) - z, with the distance from steady state."""
         assert self.neural_ode is not None

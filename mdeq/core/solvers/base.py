@@ -147,10 +147,6 @@ class ConvergenceTracker:
         self.trace: list[Tensor] | None = [] if record_trace else None
         self.step = 0
 
-    @staticmethod
-    def pick(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return select_rows(mask, a, b)
-
     def observe(self, z: Tensor, fz: Tensor) -> Tensor:
         """Record the residual of iterate ``z`` (given f(z)); return the still-active mask."""
         diff = fz - z
@@ -165,7 +161,7 @@ class ConvergenceTracker:
         self.best_r = torch.where(improved, r, self.best_r)
         self.best_abs = torch.where(improved, abs_r, self.best_abs)
         self.best_rel = torch.where(improved, rel_r, self.best_rel)
-        self.best_z = self.pick(improved, z, self.best_z)
+        self.best_z = select_rows(improved, z, self.best_z)
         self.best_step = torch.where(improved, torch.full_like(self.best_step, self.step), self.best_step)
         # Blow-up is measured against the first residual, not the best one: solvers are not
         # monotone, and near the precision floor a 100x jump over the best is only noise.
@@ -189,9 +185,9 @@ class ConvergenceTracker:
         # finite row whose sum overflows is also refused, and takes the plain step instead).
         proposal_ok = torch.isfinite(proposed.sum(dim=1))
         took = self.active & proposal_ok & ~self.diverged
-        proposed = self.pick(proposal_ok, proposed, fz)
-        nxt = self.pick(self.active, proposed, z)
-        return self.pick(~self.diverged, nxt, self.best_z), took
+        proposed = select_rows(proposal_ok, proposed, fz)
+        nxt = select_rows(self.active, proposed, z)
+        return select_rows(~self.diverged, nxt, self.best_z), took
 
     def give_up(self, mask: Tensor) -> None:
         """Stop samples the solver cannot continue (e.g. an ODE solve reached its end time)."""
@@ -285,7 +281,7 @@ class Solver:
             cached = self.proposal_fz(state)
             # Reuse f at the proposal where it was taken; frozen samples keep their f(z). (Diverged
             # samples, reset to their best iterate, are inactive: their stale f(z) is never used.)
-            fz = None if cached is None else tracker.pick(took, cached, fz)
+            fz = None if cached is None else select_rows(took, cached, fz)
             gave_up = self.exhausted(state)
             if gave_up is not None:
                 tracker.give_up(gave_up)

@@ -60,20 +60,12 @@ class Broyden(Solver):
         return (torch.stack(state["u"], dim=1), torch.stack(state["v"], dim=1)) if state["u"] else None
 
     @staticmethod
-    def _matvec(uv: tuple[Tensor, Tensor] | None, x: Tensor) -> Tensor:
-        """B x with B = -I + sum_i u_i v_i^T."""
+    def _matvec(uv: tuple[Tensor, Tensor] | None, x: Tensor, transpose: bool = False) -> Tensor:
+        """B x with B = -I + sum_i u_i v_i^T, or x^T B with ``transpose``."""
         if uv is None:
             return -x
-        U, V = uv
-        return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", V, x), U)
-
-    @staticmethod
-    def _rmatvec(uv: tuple[Tensor, Tensor] | None, x: Tensor) -> Tensor:
-        """x^T B."""
-        if uv is None:
-            return -x
-        U, V = uv
-        return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", U, x), V)
+        left, right = uv if not transpose else uv[::-1]
+        return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", right, x), left)
 
     def _push(self, state: Any, u: Tensor, v: Tensor, keep: Tensor) -> None:
         """Add the update (u, v); zero the history of samples that restart (keep=False)."""
@@ -111,13 +103,14 @@ class Broyden(Solver):
             dz = z - state["z"]
             dg = g - state["g"]
             b_dg = bg - state["Bg"]  # B dg; B g_prev was computed with this very B last step
-            v = self._rmatvec(uv, dz)
+            v = self._matvec(uv, dz, transpose=True)
             denom = batched_dot(v, dg)
             size = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(dg, dim=1)
             ok = torch.isfinite(denom) & (denom.abs() > 1e3 * torch.finfo(z.dtype).eps * size) & (size > 0)
             safe = torch.where(ok, denom, torch.ones_like(denom))
-            u = select_rows(ok, (dz - b_dg) / safe[:, None], torch.zeros_like(dz))
-            v = select_rows(ok, v, torch.zeros_like(v))
+            u = (dz - b_dg) / safe[:, None]
+            u = select_rows(ok, u, u.new_zeros(()).expand_as(u))  # a zero view: nothing filled
+            v = select_rows(ok, v, v.new_zeros(()).expand_as(v))
             gnorm = torch.linalg.vector_norm(g, dim=1)
             keep = ~(gnorm > self.restart_factor * torch.linalg.vector_norm(state["g"], dim=1))
             self._push(state, u, v, keep)
