@@ -18,6 +18,7 @@ from torch import Tensor
 from mdeq.core.errors import (
     HigherOrderGradientError,
     WarningThrottle,
+    autocast_dtype,
     nonconvergence_message,
     report_nonconvergence,
 )
@@ -41,6 +42,8 @@ class BackwardContext:
     record: BackwardRecord
     throttle: WarningThrottle | None = None
     linear_solver: str = "iterative"
+    low_precision: torch.dtype | None = None
+    """The autocast dtype f ran in during the forward pass (its graph keeps that precision)."""
 
 
 LINEAR_SOLVERS = ("auto", "iterative", "gmres", "dense")
@@ -117,6 +120,7 @@ class ImplicitBackward(Backward):
             tol=self.tol if self.tol is not None else ctx.tol,
             max_steps=self.max_steps if self.max_steps is not None else ctx.max_steps,
             stop_mode=self.stop_mode if self.stop_mode is not None else ctx.stop_mode,
+            low_precision=autocast_dtype(z_star.device),
         )
         out = _ImplicitGradient.apply(fz, z_leaf, settings)
         return out, z_leaf, fz
@@ -170,7 +174,13 @@ class _ImplicitGradient(torch.autograd.Function):
         )
         if s.on_divergence != "ignore" and not bool(result.converged.all()):
             msg = nonconvergence_message(
-                result, what="backward", solver=s.solver.name, tol=s.tol, stop_mode=s.stop_mode, max_steps=s.max_steps
+                result,
+                what="backward",
+                solver=s.solver.name,
+                tol=s.tol,
+                stop_mode=s.stop_mode,
+                max_steps=s.max_steps,
+                low_precision=s.low_precision,
             )
             report_nonconvergence(msg, s.on_divergence, kind="backward", throttle=s.throttle)
         return result.z, None, None

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mdeq.core.backward import Backward, BackwardContext
-from mdeq.core.errors import WarningThrottle, check_policy, nonconvergence_message, report_nonconvergence
+from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy, nonconvergence_message, report_nonconvergence
 from mdeq.core.jacobian import JacobianRegularization
 from mdeq.core.solution import BackwardRecord
 from mdeq.core.solvers import Solver, SolverResult
@@ -64,7 +64,13 @@ def solve_equilibrium(
 
     if on_divergence != "ignore" and not bool(forward.converged.all()):
         msg = nonconvergence_message(
-            forward, what=describe, solver=solver.name, tol=tol, stop_mode=stop_mode, max_steps=max_steps
+            forward,
+            what=describe,
+            solver=solver.name,
+            tol=tol,
+            stop_mode=stop_mode,
+            max_steps=max_steps,
+            low_precision=autocast_dtype(z0.device),
         )
         report_nonconvergence(msg, on_divergence, kind=describe, throttle=throttle, solution=forward)
 

@@ -60,11 +60,13 @@ def nonconvergence_message(
     tol: float,
     stop_mode: str,
     max_steps: int,
+    low_precision: torch.dtype | None = None,
 ) -> str:
     """Describe a solve in which some samples did not converge, with concrete advice.
 
-    ``what`` names the solve ("forward" or "backward"). Reads tensors on the host: call it
-    only once per solve, after it is known that something failed.
+    ``what`` names the solve ("forward" or "backward"). ``low_precision`` is the autocast dtype f
+    ran in, if any. Reads tensors on the host: call it only once per solve, after it is known
+    that something failed.
     """
     converged = result.converged.detach().cpu()
     diverged = result.diverged.detach().cpu()
@@ -100,8 +102,21 @@ def nonconvergence_message(
         late, early = tr[-1][~converged], tr[tr.shape[0] // 2][~converged]
         if late.numel() and bool((late < 0.5 * early).all()):
             parts.append("The residual was still falling: more steps (max_steps) may suffice.")
+    if low_precision is not None and tol < 4 * torch.finfo(low_precision).eps:
+        eps = torch.finfo(low_precision).eps
+        parts.append(
+            f"f ran under autocast in {str(low_precision).replace('torch.', '')}, whose precision (eps {eps:.2g}) puts a "
+            f"floor of roughly that size under the residual, above tol={tol:g}: loosen tol to about {4 * eps:.0e} "
+            "in mixed precision, or run the solve in float32 (disable autocast around the DEQ)."
+        )
     parts.append(ADVICE)
     return " ".join(parts)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype autocast uses on ``device`` now, or ``None`` when autocast is off."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 

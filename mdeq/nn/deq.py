@@ -189,13 +189,31 @@ class DEQ(nn.Module):
             t = tensors[0]
             if t.device != p.device:
                 raise ValueError(f"x is on {t.device} but f's parameters are on {p.device}; move one: model.to(x.device)")
-            if t.dtype != p.dtype:
+            if t.dtype != p.dtype and self._mixed_precision_dtype(x) is None:
                 raise TypeError(
                     f"x has dtype {t.dtype} but f's parameters have dtype {p.dtype}; convert one "
-                    f"(model.to({t.dtype}) or x.to({p.dtype}))"
+                    f"(model.to({t.dtype}) or x.to({p.dtype})), or run under torch.autocast for mixed precision"
                 )
 
-    def _check_z0(self, z0: State, x: Any, packer: StatePacker) -> None:
+    def _mixed_precision_dtype(self, x: Any) -> torch.dtype | None:
+        """Under ``torch.autocast``, the full-precision dtype the solver state is kept in.
+
+        Autocast runs f's convolutions and matmuls in low precision (so x arrives in, e.g.,
+        bfloat16), but the solver's own arithmetic (residual norms, Anderson's least squares,
+        Broyden's updates) needs the parameters' precision. Returns that dtype when autocast is on
+        for x's device and x is in autocast's dtype, else ``None`` (no mixing).
+        """
+        tensors = _tensors(x)
+        p = _first_param(self.f)
+        if not tensors or p is None:
+            return None
+        t = tensors[0]
+        kind = t.device.type
+        if not torch.is_autocast_enabled(kind) or t.dtype != torch.get_autocast_dtype(kind):
+            return None
+        return p.dtype if p.dtype.is_floating_point and p.dtype != t.dtype else None
+
+    def _check_z0(self, z0: State, x: Any, packer: StatePacker, mixed: bool = False) -> None:
         packer.check(z0, "the initial state z0")
         parts = z0 if isinstance(z0, tuple) else (z0,)
         tensors = _tensors(x)
@@ -206,7 +224,7 @@ class DEQ(nn.Module):
                 ref = tensors[0]
                 if t.shape[0] != ref.shape[0]:
                     raise ValueError(f"x has batch size {ref.shape[0]} but the initial state z0 has batch size {t.shape[0]}")
-                if t.dtype != ref.dtype:
+                if t.dtype != ref.dtype and not mixed:
                     raise TypeError(f"x has dtype {ref.dtype} but the initial state z0 has dtype {t.dtype}; use one dtype")
                 if t.device != ref.device:
                     raise ValueError(f"x is on {ref.device} but the initial state z0 is on {t.device}; use one device")
@@ -235,11 +253,15 @@ class DEQ(nn.Module):
         """The problem this layer solves for input ``x``, on flat states: ``(f_flat, z0_flat,
         packer, z0)`` with f_flat(z) = pack(f(unpack(z), x)). Validates x and z0."""
         self._check_x(x)
+        full = self._mixed_precision_dtype(x)
         if z0 is None:
             z0 = self.initial_state(x)
         packer = self.state_packer or StatePacker.from_state(z0)
-        self._check_z0(z0, x, packer)
+        self._check_z0(z0, x, packer, mixed=full is not None)
+        if full is not None:  # mixed precision: f runs under autocast, the solver state stays full precision
+            z0 = tuple(t.to(full) for t in z0) if isinstance(z0, tuple) else z0.to(full)
         z0_flat = packer.pack(z0, "the initial state z0")
+        state_dtype = z0_flat.dtype
         f = self.f
 
         def f_flat(z: Tensor) -> Tensor:
@@ -250,7 +272,8 @@ class DEQ(nn.Module):
                 if type(err) is not RuntimeError:  # our own errors (e.g. a nested ConvergenceError) pass
                     raise
                 raise RuntimeError(_cell_failure(err, state, x)) from err
-            return packer.pack(out, "the output of f(z, x)")
+            flat = packer.pack(out, "the output of f(z, x)")
+            return flat if flat.dtype == state_dtype else flat.to(state_dtype)
 
         return f_flat, z0_flat, packer, z0
 

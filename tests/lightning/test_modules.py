@@ -127,3 +127,16 @@ def test_accuracy_is_the_fraction_of_correct_samples_not_a_class_average():
     metric = m.metrics["val_acc"]
     metric(logits, torch.tensor([0, 0, 0, 1]))
     assert float(metric.compute()) == pytest.approx(0.75)
+
+
+@pytest.mark.filterwarnings("ignore:DEQ")
+def test_bf16_mixed_precision_training_keeps_float32_weights_and_finite_statistics():
+    pl.seed_everything(0)
+    module = ClassificationModule(**small_mdeq(jacobian_weight=0.5, train_tol=0.03, eval_tol=0.03))
+    t = trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, precision="bf16-mixed")
+    t.fit(module, datamodule=SyntheticDataModule(batch_size=16))
+    logged = t.callback_metrics
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    for key in ("train/loss", "train/residual_max", "train/jacobian_loss", "val/acc"):
+        assert torch.isfinite(logged[key]), key
+    assert float(logged["train/nfe"]) >= 1
