@@ -98,6 +98,14 @@ class _StopCheck:
         return False
 
 
+def host_reads_are_free(t: Tensor) -> bool:
+    """Whether reading ``t``'s value on the host costs no device synchronisation (CPU tensors).
+
+    Solver loops read flags only where this holds; on accelerators they run branch-free, so an
+    iteration never waits for the device (tests/core/test_host_syncs.py counts the reads)."""
+    return t.device.type == "cpu"
+
+
 def select_rows(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Per sample (row) ``a`` where ``mask`` else ``b``, for (batch, dim) tensors.
 
@@ -105,7 +113,7 @@ def select_rows(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     active, every proposal finite) skips the full-size select; on accelerators the select always
     runs, keeping solver loops free of host synchronisation.
     """
-    if mask.device.type == "cpu":
+    if host_reads_are_free(mask):
         if bool(mask.all()):
             return a
         if not bool(mask.any()):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mdeq.core.solvers import base
 from mdeq.core.solvers.base import Map, Solver, batched_dot, select_rows
 from mdeq.core.solvers.registry import register_solver
 
@@ -81,7 +82,7 @@ class Broyden(Solver):
                 U, V = state["U"], state["V"]
             U[:, slot].copy_(u)
             V[:, slot].copy_(v)
-            if keep.device.type != "cpu" or not bool(keep.all()):  # CPU: skip when nobody restarts
+            if not base.host_reads_are_free(keep) or not bool(keep.all()):  # CPU: skip when nobody restarts
                 n = min(state["k"] + 1, self.memory)
                 U[:, :n].mul_(keep[:, None, None])
                 V[:, :n].mul_(keep[:, None, None])
