@@ -43,25 +43,39 @@ def relative_residual(f: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         return (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-12)
 
 
-def conv_cell_problem(batch: int = 32, size: int = 32, seed: int = 0) -> tuple[Callable[[Tensor], Tensor], Tensor, str]:
+def synchronize() -> None:
+    """Wait for queued GPU work (timings must include it); nothing on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def describe_device(device: str | torch.device) -> str:
+    """'cpu, 2 threads' or the GPU's name, for result headers."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}"
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+def conv_cell_problem(batch: int = 32, size: int = 32, seed: int = 0, device: str = "cpu") -> tuple[Callable[[Tensor], Tensor], Tensor, str]:
     """The implicit-layers tutorial's cell: 48 channels, inner width 64, GroupNorm, N(0, 0.01)."""
     torch.manual_seed(seed)
-    cell = ConvResidualCell(48, 64, num_groups=8, init_std=0.01)
-    x = torch.randn(batch, 48, size, size)
+    cell = ConvResidualCell(48, 64, num_groups=8, init_std=0.01).to(device)
+    x = torch.randn(batch, 48, size, size).to(device)
 
     def f(z: Tensor) -> Tensor:
         return cell(z.view_as(x), x).flatten(1)
 
-    return f, torch.zeros(batch, x[0].numel()), f"tutorial conv cell (48 ch, {size}x{size}, batch {batch})"
+    return f, torch.zeros(batch, x[0].numel(), device=device), f"tutorial conv cell (48 ch, {size}x{size}, batch {batch})"
 
 
-def mdeq_tiny_problem(batch: int = 32, seed: int = 0) -> tuple[Callable[[Tensor], Tensor], Tensor, str]:
+def mdeq_tiny_problem(batch: int = 32, seed: int = 0, device: str = "cpu") -> tuple[Callable[[Tensor], Tensor], Tensor, str]:
     """mdeq_tiny's equilibrium map f(z, x) at initialisation on a CIFAR-sized random batch, as a
     flat map (both branches packed into one vector per sample)."""
     torch.manual_seed(seed)
-    model = mdeq_tiny().train()
+    model = mdeq_tiny().train().to(device)
     with torch.no_grad():
-        x = torch.randn(batch, 3, 32, 32)
+        x = torch.randn(batch, 3, 32, 32).to(device)
         inj = model.injection(model.stem(x))
         f, z0, _, _ = model.deq.flat_problem(inj, model.initial_state(inj))
     return f, z0, f"mdeq_tiny f (2 branches, 32x32, batch {batch})"
@@ -71,8 +85,10 @@ def time_best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Best wall time of ``repeats`` calls, and the last call's result."""
     best, out = float("inf"), None
     for _ in range(repeats):
+        synchronize()
         t = time.perf_counter()
         out = fn()
+        synchronize()
         best = min(best, time.perf_counter() - t)
     return best, out
 
@@ -84,8 +100,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tu
     out: dict[str, Any] = {}
     for _ in range(repeats):
         for k, fn in fns.items():
+            synchronize()
             t = time.perf_counter()
             out[k] = fn()
+            synchronize()
             best[k] = min(best[k], time.perf_counter() - t)
     return {k: (best[k], out[k]) for k in fns}
 
@@ -112,9 +130,11 @@ def median_throughput(steps: dict[str, Callable[[], Any]], images_per_call: int,
     rates: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(blocks):
         for k, fn in steps.items():
+            synchronize()
             t = time.perf_counter()
             for _ in range(calls_per_block):
                 fn()
+            synchronize()
             rates[k].append(calls_per_block * images_per_call / (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in rates.items()}
 

@@ -6,7 +6,7 @@ its cell; the ResNet's is one pass. Both run alternately in timed blocks (median
 mdeq_tiny runs with its defaults (Anderson, rel. tol 1e-3, at most 30 steps, implicit backward)
 and with a training budget of 12 steps (as the configs use), on a fixed random CIFAR-sized batch.
 
-Usage: python benchmarks/deq_overhead.py [--batch 32] [--steps 5] [--blocks 3]
+Usage: python benchmarks/deq_overhead.py [--batch 32] [--steps 5] [--blocks 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from _common import median_throughput, rows_to_markdown, training_step_fn
+from _common import describe_device, median_throughput, rows_to_markdown, training_step_fn
 from mdeq.models import mdeq_tiny
 
 
@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5, help="training steps per timed block")
     p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -59,9 +60,9 @@ def main() -> None:
         "mdeq_tiny (max 30 steps)": mdeq_tiny(),
         "mdeq_tiny (max 12 steps)": mdeq_tiny(max_steps=12),
     }
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    steps = {name: training_step_fn(m.train(), x, y) for name, m in models.items()}
+    x = torch.randn(args.batch, 3, 32, 32, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    steps = {name: training_step_fn(m.train().to(args.device), x, y) for name, m in models.items()}
     rates = median_throughput(steps, args.batch, args.steps, args.blocks)
     ref = rates["resnet_small"]
     rows = []
@@ -72,7 +73,7 @@ def main() -> None:
             with torch.no_grad():
                 nfe = m(x, return_solution=True)[1].nfe
         rows.append([name, f"{sum(p.numel() for p in m.parameters()):,}", f"{r:.1f}", f"{r / ref:.2f}x", nfe])
-    print(f"\nTraining throughput vs an explicit ResNet (batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print(f"\nTraining throughput vs an explicit ResNet (batch {args.batch}, torch {torch.__version__}, {describe_device(args.device)})\n")
     print(rows_to_markdown(["model", "params", "img/s", "relative to resnet_small", "forward f-evals"], rows))
 
 

@@ -7,7 +7,7 @@ the max over the batch of ||f(z)-z|| / ||f(z)|| of the returned point (one yards
 and the time ratio ours / TorchDEQ's. Both stop when every sample is below tol (TorchDEQ checks
 the batch max; ours stops samples individually and ends when all are done).
 
-Usage: python benchmarks/torchdeq_forward.py [--batch 32] [--tols 1e-3 1e-5] [--repeats 3]
+Usage: python benchmarks/torchdeq_forward.py [--batch 32] [--tols 1e-3 1e-5] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from _common import conv_cell_problem, Counted, interleaved, mdeq_tiny_problem, relative_residual, require_torchdeq, rows_to_markdown
+from _common import conv_cell_problem, Counted, describe_device, interleaved, mdeq_tiny_problem, relative_residual, require_torchdeq, rows_to_markdown
 from mdeq.core.solvers import get_solver
 
 # ours -> TorchDEQ's name for the same method
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--problems", nargs="+", default=["conv", "mdeq_tiny"], choices=["conv", "mdeq_tiny"])
     p.add_argument("--solvers", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     require_torchdeq()
     from torchdeq.solver import get_solver as peer_solver
@@ -38,7 +39,8 @@ def main() -> None:
     header = ["problem", "solver", "tol", "f-evals ours / peer", "max rel. residual ours / peer", "s ours / peer", "time ratio"]
     rows = []
     for problem in args.problems:
-        f, z0, label = conv_cell_problem(args.batch) if problem == "conv" else mdeq_tiny_problem(args.batch)
+        make = conv_cell_problem if problem == "conv" else mdeq_tiny_problem
+        f, z0, label = make(args.batch, device=args.device)
         with torch.no_grad():  # warm-up: allocations, kernel selection
             get_solver("anderson").solve(f, z0, tol=1e-2, max_steps=5)
         for tol in args.tols:
@@ -65,7 +67,7 @@ def main() -> None:
                 r_o, r_p = float(relative_residual(f, z_o).max()), float(relative_residual(f, z_p).max())
                 rows.append([label, ours, f"{tol:g}", f"{counts['ours']} / {counts['peer']}", f"{r_o:.2e} / {r_p:.2e}", f"{t_o:.3f} / {t_p:.3f}", f"{t_o / t_p:.2f}x"])
                 print(" | ".join(rows[-1]), flush=True)
-    print(f"\nForward solve vs TorchDEQ (torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats})\n")
+    print(f"\nForward solve vs TorchDEQ (torch {torch.__version__}, {describe_device(args.device)}, best of {args.repeats})\n")
     print(rows_to_markdown(header, rows))
 
 

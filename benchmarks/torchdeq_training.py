@@ -12,7 +12,7 @@ Like is compared with like:
 Steps alternate between the two models in blocks; reported are images/second (median block)
 and the ratio ours / TorchDEQ's.
 
-Usage: python benchmarks/torchdeq_training.py [--batch 32] [--steps 6] [--blocks 3]
+Usage: python benchmarks/torchdeq_training.py [--batch 32] [--steps 6] [--blocks 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from _common import TorchDEQClassifier, median_throughput, require_torchdeq, rows_to_markdown, training_step_fn
+from _common import TorchDEQClassifier, describe_device, median_throughput, require_torchdeq, rows_to_markdown, training_step_fn
 from mdeq.core.backward import ImplicitBackward, PhantomBackward
 from mdeq.models import mdeq_tiny
 
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=3, help="timed blocks per model (alternating)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     require_torchdeq()
     warnings.simplefilter("ignore")  # non-convergence warnings at init are expected and equal for both
@@ -54,10 +55,10 @@ def main() -> None:
     for name in args.settings:
         ours_kw, peer_kw = SETTINGS[name]
         torch.manual_seed(args.seed)
-        ours = mdeq_tiny(max_steps=30, tol=1e-3, solver="anderson", **ours_kw).train()
-        peer = TorchDEQClassifier(ours, **peer_kw).train()
-        x = torch.randn(args.batch, 3, 32, 32)
-        y = torch.randint(0, 10, (args.batch,))
+        ours = mdeq_tiny(max_steps=30, tol=1e-3, solver="anderson", **ours_kw).train().to(args.device)
+        peer = TorchDEQClassifier(ours, **peer_kw).train().to(args.device)
+        x = torch.randn(args.batch, 3, 32, 32, device=args.device)
+        y = torch.randint(0, 10, (args.batch,), device=args.device)
         steps = {"ours": training_step_fn(ours, x, y), "peer": training_step_fn(peer, x, y)}
         rates = median_throughput(steps, args.batch, args.steps, args.blocks)
         with torch.no_grad():
@@ -65,7 +66,7 @@ def main() -> None:
         r_o, r_p = rates["ours"], rates["peer"]
         rows.append([name, f"{r_o:.1f}", f"{r_p:.1f}", f"{r_o / r_p:.2f}x", sol.nfe])
         print(" | ".join(map(str, rows[-1])), flush=True)
-    print(f"\nmdeq_tiny training step vs TorchDEQ (batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print(f"\nmdeq_tiny training step vs TorchDEQ (batch {args.batch}, torch {torch.__version__}, {describe_device(args.device)})\n")
     print(rows_to_markdown(header, rows))
 
 

@@ -84,3 +84,23 @@ def test_a_deq_training_step_reads_the_host_a_fixed_number_of_times(accelerator_
         return mode.count
 
     assert reads(4) == reads(20) <= 4
+
+
+@pytest.mark.parametrize("solver", ["FixedPoint", "Anderson", "Broyden"])
+def test_without_early_stop_the_loop_has_no_host_read_even_for_the_stop_check(monkeypatch: pytest.MonkeyPatch, solver: str) -> None:
+    import mdeq.core.solvers as solvers
+
+    monkeypatch.setattr(base, "host_reads_are_free", lambda t: False)  # the real stop check stays
+    torch.manual_seed(0)
+    W = torch.randn(32, 32) * 0.3 / 32**0.5
+    x = torch.randn(4, 32)
+    f = lambda z: torch.tanh(z @ W + x)  # noqa: E731
+    s = getattr(solvers, solver)()
+    with HostReads() as mode:
+        fixed = s.solve(f, torch.zeros(4, 32), tol=1e-6, max_steps=60, early_stop=False)
+    assert mode.count == 0 and fixed.nsteps == 60
+    early = s.solve(f, torch.zeros(4, 32), tol=1e-6, max_steps=60)
+    assert early.nsteps < 60 and bool(early.converged.all()) and bool(fixed.converged.all())
+    # Converged samples are frozen: running on changes nothing.
+    torch.testing.assert_close(fixed.z, early.z, rtol=0, atol=0)
+    torch.testing.assert_close(fixed.residual, early.residual, rtol=0, atol=0)

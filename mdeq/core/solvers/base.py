@@ -266,8 +266,13 @@ class Solver:
         divergence_factor: float = 1e2,
         record_trace: bool = False,
         jvp: Map | None = None,
+        early_stop: bool = True,
     ) -> SolverResult:
-        """Solve z = f(z) from ``z0`` of shape (batch, dim); return the best iterate per sample."""
+        """Solve z = f(z) from ``z0`` of shape (batch, dim); return the best iterate per sample.
+
+        ``early_stop=False`` runs exactly ``max_steps`` iterations (stopped samples stay frozen)
+        and never asks the device whether all samples are done: a loop with no host read at all,
+        which CUDA-graph capture needs (see benchmarks/gpu_path.py)."""
         validate_solve_args(z0, tol=tol, max_steps=max_steps, stop_mode=stop_mode)
         counted = _CountedMap(f)
         tracker = ConvergenceTracker(
@@ -282,7 +287,7 @@ class Solver:
                 if fz.shape != z.shape:
                     raise ValueError(f"the map returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}")
             active = tracker.observe(z, fz)
-            if k == max_steps - 1 or stop.all_stopped(active):
+            if k == max_steps - 1 or (early_stop and stop.all_stopped(active)):
                 break
             proposed = self.step(state, z, fz, counted, jvp)
             z, took = tracker.next_iterate(proposed, z, fz)
