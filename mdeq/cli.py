@@ -206,6 +206,7 @@ def export(argv: list[str]) -> int:
     """``mdeq export``: a trained Lightning checkpoint -> checkpoints/<name>.safetensors + card."""
     import argparse
     import json
+    import shlex
 
     from mdeq.lightning.zoo_tools import TASKS, export_checkpoint
 
@@ -216,8 +217,19 @@ def export(argv: list[str]) -> int:
     p.add_argument("--config", required=True, help="the training config the checkpoint came from")
     p.add_argument("--out-dir", default="checkpoints")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--note", action="append", default=[], metavar="KEY=TEXT", help="an extra card field, e.g. selection='best validation epoch' (repeatable; TEXT may be JSON)")
     a = p.parse_args(argv)
-    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root)
+    notes: dict[str, object] = {}
+    for item in a.note:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--note takes KEY=TEXT, got {item!r}")
+        try:
+            notes[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            notes[key.strip()] = text
+    command = " ".join(shlex.quote(x) for x in ["mdeq", "export", *argv])
+    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes)
     print(json.dumps(card["metrics"], indent=2))
     return 0
 

@@ -89,6 +89,10 @@ def remeasure_card(name: str, root: str | None = None) -> dict[str, Any]:
     return card
 
 
+TRAINING_ONLY_OPTIONS = ("backward",)
+"""Backbone options that change how a model trains but not what its weights compute."""
+
+
 def export_checkpoint(
     checkpoint: str,
     name: str,
@@ -97,10 +101,15 @@ def export_checkpoint(
     out_dir: str = "checkpoints",
     root: str | None = None,
     command: str | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Turn a Lightning checkpoint of ``ClassificationModule`` into ``out_dir/<name>.safetensors``
     plus ``<name>.json``: re-measures test accuracy and f-evaluations, records the training
-    config, the measuring command and the SHA-256. The checkpoint is read with ``weights_only=True``."""
+    config, the measuring command and the SHA-256. The checkpoint is read with ``weights_only=True``.
+
+    Options that only shape training (the DEQ's ``backward``) are recorded under ``training``, not in
+    ``architecture_kwargs``: loading the weights gives the library's default backward. ``notes``
+    adds free fields to the card (e.g. how the checkpoint was selected)."""
     import zoo
     from zoo.weights import save_weights, write_card
 
@@ -110,6 +119,7 @@ def export_checkpoint(
     if not isinstance(arch, str):
         raise ValueError(f"{checkpoint} was not trained with a zoo backbone name (got {arch!r}); cannot export")
     arch_kwargs = dict(hp.get("backbone_kwargs") or {})
+    training_only = {k: arch_kwargs.pop(k) for k in TRAINING_ONLY_OPTIONS if k in arch_kwargs}
     model = zoo.create(arch, **arch_kwargs)
     prefix = "backbone."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -138,10 +148,11 @@ def export_checkpoint(
         "train_config": config,
         "train_command": f"mdeq fit --config {config}",
         "exported_with": command or " ".join(shlex.quote(a) for a in ["mdeq", *sys.argv[1:]]),
-        "training": {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")},
+        "training": {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), **({"backbone_kwargs": training_only} if training_only else {})},
         "weights_file": weights.name,
         "sha256": sha,
         "created": datetime.date.today().isoformat(),
+        **(notes or {}),
     }
     write_card(out / f"{name}.json", card)
     return card

@@ -70,3 +70,42 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
     data = Path(runs[0]).read_bytes()
     for key in (b"train/loss", b"train/nfe", b"train/residual_mean", b"train/backward_nfe", b"val/acc", b"val/converged_fraction", b"mdeq_digits", b"residual_trace"):
         assert key in data, key
+
+
+def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp_path):
+    import json
+
+    import torch
+
+    import zoo
+    from zoo.weights import load_weights, sha256_of
+
+    small = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2, "backward": {"name": "phantom", "steps": 1}}
+    args = [
+        "fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
+        "--model.init_args.backbone_kwargs", json.dumps(small),
+    ]
+    assert main(args) == 0
+    ckpt = glob.glob("runs/digits/mdeq_digits/**/last.ckpt", recursive=True)
+    assert len(ckpt) == 1, ckpt
+    out = tmp_path / "zoo_out"
+    assert main([
+        "export", "--checkpoint", ckpt[0], "--name", "tiny_digits", "--task", "digits",
+        "--config", "configs/digits/mdeq_digits.yaml", "--out-dir", str(out),
+        "--note", "selection=the last checkpoint", "--note", 'reference={"accuracy": 0.98}',
+    ]) == 0
+    card = json.loads((out / "tiny_digits.json").read_text())
+    assert card["sha256"] == sha256_of(out / "tiny_digits.safetensors")
+    assert card["selection"] == "the last checkpoint" and card["reference"] == {"accuracy": 0.98}
+    # the backward shapes training only: kept out of the architecture, recorded under training
+    assert "backward" not in card["architecture_kwargs"] and card["architecture_kwargs"]["channels"] == [8, 8]
+    assert card["training"]["backbone_kwargs"] == {"backward": {"name": "phantom", "steps": 1}}
+    assert card["exported_with"].startswith("mdeq export --checkpoint")
+    assert 0.0 <= card["metrics"]["test_accuracy"] <= 1.0 and card["metrics"]["num_test_samples"] == 360
+    model = load_weights(zoo.create(card["architecture"], **card["architecture_kwargs"]), out / "tiny_digits.safetensors", sha256=card["sha256"])
+    state = torch.load(ckpt[0], map_location="cpu", weights_only=True)["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[f"backbone.{k}"]), k
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", ckpt[0], "--name", "x", "--task", "digits", "--config", "c.yaml", "--note", "no-equals-sign"])
