@@ -232,7 +232,10 @@ def main() -> None:
     warnings.simplefilter("ignore")
     print(f"GPU path benchmarks: torch {torch.__version__}, {describe_device(args.device)}, batch {args.batch}\n", flush=True)
     for part in args.parts:
-        print(globals()[f"part_{part}"](args) + "\n", flush=True)
+        try:
+            print(globals()[f"part_{part}"](args) + "\n", flush=True)
+        except Exception as e:  # one part failing (e.g. a capture the driver refuses) is a result too
+            print(f"### {part}\n\nfailed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n", flush=True)
 
 
 if __name__ == "__main__":
