@@ -102,11 +102,11 @@ def nonconvergence_message(
         late, early = tr[-1][~converged], tr[tr.shape[0] // 2][~converged]
         if late.numel() and bool((late < 0.5 * early).all()):
             parts.append("The residual was still falling: more steps (max_steps) may suffice.")
-    if low_precision is not None and tol < 4 * torch.finfo(low_precision).eps:
+    if low_precision is not None and tol < 2 * torch.finfo(low_precision).eps:
         eps = torch.finfo(low_precision).eps
         parts.append(
             f"f ran under autocast in {str(low_precision).replace('torch.', '')}, whose precision (eps {eps:.2g}) puts a "
-            f"floor of roughly that size under the residual, above tol={tol:g}: loosen tol to about {4 * eps:.0e} "
+            f"floor of roughly that size under the residual, above tol={tol:g}: loosen tol to about {2 * eps:.0e} "
             "in mixed precision, or run the solve in float32 (disable autocast around the DEQ)."
         )
     parts.append(ADVICE)
