@@ -19,8 +19,12 @@ def render_table() -> str:
     for name in list_models(pretrained=True):
         c = card(name)
         m = c["metrics"]
+        acc = f"{m['test_accuracy']:.2%}"
+        ref = c.get("reference")
+        if isinstance(ref, dict) and "accuracy" in ref:  # a published figure for this model at this size
+            acc += f" (published: {ref['accuracy']:.1%})"
         rows.append(
-            f"| `{name}` | {c['task']} ({m['num_test_samples']} test images) | {c['num_params']:,} | {m['test_accuracy']:.2%} "
+            f"| `{name}` | {c['task']} ({m['num_test_samples']} test images) | {c['num_params']:,} | {acc} "
             f"| {m['mean_forward_nfe']:.1f} | {c['solver']['name']}, tol {c['solver']['tol']:g} | `{c['measured_with']}` |"
         )
     return "\n".join(rows)
