@@ -174,13 +174,7 @@ class _ImplicitGradient(torch.autograd.Function):
         )
         if s.on_divergence != "ignore" and not bool(result.converged.all()):
             msg = nonconvergence_message(
-                result,
-                what="backward",
-                solver=s.solver.name,
-                tol=s.tol,
-                stop_mode=s.stop_mode,
-                max_steps=s.max_steps,
-                low_precision=s.low_precision,
+                result, what="backward", solver=s.solver.name, tol=s.tol, stop_mode=s.stop_mode, max_steps=s.max_steps, low_precision=s.low_precision
             )
             report_nonconvergence(msg, s.on_divergence, kind="backward", throttle=s.throttle)
         return result.z, None, None
