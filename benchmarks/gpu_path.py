@@ -14,6 +14,8 @@ Each part prints a markdown table. Parts:
 - compile: training images/s with the cell eager and ``torch.compile``d (each mode in --compile-modes).
 - graphs (CUDA only): a fixed-budget forward solve (``early_stop=False``: no host read) run
   eagerly vs captured once in a CUDA graph and replayed.
+- inference: mdeq_tiny's whole inference forward with a fixed budget, eager vs
+  ``torch.compile(fullgraph=True)`` (and, on CUDA, ``mode="reduce-overhead"``: CUDA graphs).
 - epoch: training images/s of mdeq_tiny at the CIFAR-10 config's budget (at most 18 steps,
   rel. tol 1e-3) and the time of one 47,500-image epoch it implies; the real epoch time comes from
   ``mdeq fit --config configs/cifar10/mdeq_tiny.yaml`` (Lightning logs it).
@@ -36,7 +38,7 @@ from _common import describe_device, median_throughput, rows_to_markdown, synchr
 from mdeq.core.solvers import get_solver
 from mdeq.models import mdeq_tiny
 
-PARTS = ("syncs", "precision", "compile", "graphs", "epoch")
+PARTS = ("syncs", "precision", "compile", "graphs", "inference", "epoch")
 TRAIN_IMAGES = 47_500  # CIFAR-10's training split less the 5% validation hold-out of the configs
 
 aten = torch.ops.aten
@@ -192,6 +194,34 @@ def part_graphs(args: argparse.Namespace) -> str:
             rows.append([batch, solver_name, args.graph_steps, f"{eager_t * 1e3:.2f}", f"{graph_t * 1e3:.2f}", f"{eager_t / graph_t:.2f}x", f"{err:.1e}"])
     header = ["batch", "solver", "steps", "eager ms", "graph replay ms", "speed-up", "max |diff|"]
     return "### CUDA-graph replay of a fixed-budget forward solve (mdeq_tiny f)\n\n" + rows_to_markdown(header, rows)
+
+
+def part_inference(args: argparse.Namespace) -> str:
+    """mdeq_tiny inference with a fixed budget (early_stop=False: no host read), eager vs the
+    whole forward compiled as one graph, and (CUDA) compiled with CUDA graphs."""
+    x, _ = _batch(args.batch, args.device)
+    model = _model(args.device, tol=1e-3, max_steps=args.graph_steps, extra={"early_stop": False, "check_input": False}).eval()
+    modes = ["default"] + (["reduce-overhead"] if args.device.startswith("cuda") else [])
+    rows = []
+    with torch.no_grad():
+        ref = model(x)
+        eager_t = _best(lambda: model(x), args.repeats)
+        rows.append(["eager", f"{eager_t * 1e3:.1f}", "1.00x", "", ""])
+        for mode in modes:
+            try:
+                fn = torch.compile(model, fullgraph=True, mode=None if mode == "default" else mode)
+                t = time.perf_counter()
+                out = fn(x)
+                fn(x)
+                synchronize()
+                first = time.perf_counter() - t
+                best = _best(lambda: fn(x), args.repeats)
+                err = float((out - ref).abs().max())
+                rows.append([f"compile fullgraph ({mode})", f"{best * 1e3:.1f}", f"{eager_t / best:.2f}x", f"{first:.1f}", f"{err:.1e}"])
+            except Exception as e:  # a mode that fails is a result
+                rows.append([f"compile fullgraph ({mode})", "failed", "", "", f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"])
+    header = ["forward", "ms per batch", "speed-up", "first two calls, s", "max |logit diff|"]
+    return f"### mdeq_tiny inference, {args.graph_steps} Anderson steps, batch {args.batch}\n\n" + rows_to_markdown(header, rows)
 
 
 def _best(fn: Callable[[], Any], repeats: int) -> float:

@@ -42,6 +42,7 @@ def solve_equilibrium(
     on_divergence: str = "warn",
     describe: str = "forward",
     throttle: WarningThrottle | None = None,
+    early_stop: bool = True,
 ) -> EquilibriumResult:
     """Find z* = f(z*) from the flat initial guess ``z0`` (batch, dim) and return f(z*).
 
@@ -54,7 +55,8 @@ def solve_equilibrium(
     check_policy(on_divergence)
     grad_on = torch.is_grad_enabled()
     solve_kwargs = dict(
-        tol=tol, max_steps=max_steps, stop_mode=stop_mode, divergence_factor=divergence_factor, record_trace=record_trace
+        tol=tol, max_steps=max_steps, stop_mode=stop_mode, divergence_factor=divergence_factor, record_trace=record_trace,
+        early_stop=early_stop,
     )
     if backward.differentiates_solver and grad_on:
         forward = solver.solve(f, z0, **solve_kwargs)  # type: ignore[arg-type]

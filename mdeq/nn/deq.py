@@ -93,6 +93,11 @@ class DEQ(nn.Module):
             this factor times its initial residual (or becomes NaN/Inf).
         record_trace: keep the residual of every iteration in ``solution.trace``.
         check_input: reject NaN/Inf inputs with a clear error (one device sync per call).
+        early_stop: stop the forward solve once every sample has converged (the default). With
+            ``False`` it runs exactly ``max_steps`` iterations (converged samples stay frozen)
+            and reads nothing on the host; with ``check_input=False`` and
+            ``on_divergence="ignore"`` the whole inference forward then compiles as one graph
+            (``torch.compile(..., fullgraph=True)``) or can be captured in a CUDA graph.
         mode: ``"equilibrium"`` (default: solve for z*) or ``"neural_ode"``: integrate
             dz/dt = f(z, x) - z from the initial state over ``t_span`` and return z(T) instead
             (a :class:`~mdeq.core.neural_ode.NeuralODE` instance sets method, tolerances and
@@ -117,6 +122,7 @@ class DEQ(nn.Module):
         divergence_factor: float = 1e2,
         record_trace: bool = False,
         check_input: bool = True,
+        early_stop: bool = True,
         mode: str | NeuralODE = "equilibrium",
         t_span: tuple[float, float] | None = None,
     ) -> None:
@@ -140,6 +146,7 @@ class DEQ(nn.Module):
         self.divergence_factor = float(divergence_factor)
         self.record_trace = bool(record_trace)
         self.check_input = bool(check_input)
+        self.early_stop = bool(early_stop)
         self.on_divergence = check_policy(on_divergence)
         self.warning_throttle = WarningThrottle()
         self.jacobian_regularization = get_jacobian_regularization(jacobian_regularization)
@@ -311,6 +318,7 @@ class DEQ(nn.Module):
             jacobian_regularization=self.jacobian_regularization if use_jr else None,
             on_divergence=policy,
             throttle=self.warning_throttle,
+            early_stop=getattr(self, "early_stop", True),  # (modules pickled before the option existed)
         )
         skip_loss = None
         if self.learned_init:

@@ -104,3 +104,20 @@ def test_without_early_stop_the_loop_has_no_host_read_even_for_the_stop_check(mo
     # Converged samples are frozen: running on changes nothing.
     torch.testing.assert_close(fixed.z, early.z, rtol=0, atol=0)
     torch.testing.assert_close(fixed.residual, early.residual, rtol=0, atol=0)
+
+
+def test_a_deq_inference_forward_without_early_stop_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    kw = dict(solver="anderson", tol=1e-3, max_steps=40, check_input=False, on_divergence="ignore")
+    deq = DEQ(ConvResidualCell(8, 16, num_groups=4), **kw).eval()
+    fixed = DEQ(ConvResidualCell(8, 16, num_groups=4), early_stop=False, **kw).eval()
+    fixed.load_state_dict(deq.state_dict())
+    x = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        z_early, sol_early = deq(x)
+        monkeypatch.setattr(base, "host_reads_are_free", lambda t: False)
+        with HostReads() as mode:
+            z_fixed, sol_fixed = fixed(x)
+    assert mode.count == 0, mode.ops
+    assert sol_early.nsteps < 40 == sol_fixed.nsteps and bool(sol_fixed.converged.all())
+    torch.testing.assert_close(z_fixed, z_early, rtol=0, atol=0)  # converged samples stay frozen

@@ -68,7 +68,7 @@ class Anderson(Solver):
         slot = k % self.m
         X[:, slot].copy_(z)
         F[:, slot].copy_(fz)
-        torch.sub(fz, z, out=G[:, slot])
+        G[:, slot].copy_(fz - z)  # (not sub(out=): torch.compile cannot trace out= into a strided view)
         row = (G[:, :n] @ G[:, slot, :, None])[..., 0]  # only the new row/column of G G^T changes
         GG[:, slot, :n] = row
         GG[:, :n, slot] = row

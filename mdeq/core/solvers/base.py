@@ -101,9 +101,10 @@ class _StopCheck:
 def host_reads_are_free(t: Tensor) -> bool:
     """Whether reading ``t``'s value on the host costs no device synchronisation (CPU tensors).
 
-    Solver loops read flags only where this holds; on accelerators they run branch-free, so an
-    iteration never waits for the device (tests/core/test_host_syncs.py counts the reads)."""
-    return t.device.type == "cpu"
+    Solver loops read flags only where this holds; on accelerators, and under torch.compile, they
+    run branch-free, so an iteration never waits for the device and compiles without graph breaks
+    (tests/core/test_host_syncs.py counts the reads)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()  # a read would break the graph
 
 
 def select_rows(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
