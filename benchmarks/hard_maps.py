@@ -9,11 +9,12 @@ residual of every solver on three maps that defeat plain iteration.
   at initialisation (power-iteration gain ~1.4), batch 8, CIFAR-sized random input.
 
 All solves: relative tolerance 1e-3, at most 100 steps (ode: 100 step attempts).
-Usage: python benchmarks/hard_maps.py
+Usage: python benchmarks/hard_maps.py [--tol 1e-3] [--max-steps 100]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 
@@ -50,6 +51,10 @@ def problems():  # noqa: ANN201
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--max-steps", type=int, default=100)
+    args = p.parse_args()
     warnings.simplefilter("ignore")
     rows = []
     for name, f, z0 in problems():
@@ -57,11 +62,11 @@ def main() -> None:
             solver = get_solver(spec)
             with torch.no_grad():
                 t = time.perf_counter()
-                r = solver.solve(f, z0, tol=1e-3, max_steps=100)
+                r = solver.solve(f, z0, tol=args.tol, max_steps=args.max_steps)
                 dt = time.perf_counter() - t
             rows.append([name, label(spec), f"{float(r.converged.float().mean()):.0%}", r.nfe, f"{float(r.residual.median()):.1e}", f"{float(r.residual.max()):.1e}", f"{dt:.2f}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
-    print(f"\nSolvers on maps that defeat plain iteration (tol 1e-3 rel, max 100 steps, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print(f"\nSolvers on maps that defeat plain iteration (tol {args.tol:g} rel, max {args.max_steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
     print(rows_to_markdown(["map", "solver", "converged", "f-evals", "median rel. residual", "max rel. residual", "wall s"], rows))
 
 
