@@ -28,6 +28,12 @@ class ConvergenceGuard(pl.Callback):
       ``max_jacobian_weight``), and "stop" (end training with a message). Each escalation waits
       for a fresh window.
 
+    - When, over the last ``budget_window`` steps, fewer than ``min_converged_fraction`` of the
+      samples reached the tolerance itself (even if they came near it), the guard warns once: the
+      network may be learning the truncated iteration rather than an equilibrium. Such a model
+      loses accuracy when evaluated with more solver steps (seen: a CIFAR-10 conv DEQ trained with
+      the Jacobian-free backward and 15 steps fell from 68% to 59% going from 25 to 150 steps).
+
     ``stopped_reason`` holds the message when the guard stopped training.
     """
 
@@ -40,6 +46,7 @@ class ConvergenceGuard(pl.Callback):
         jacobian_factor: float = 2.0,
         initial_jacobian_weight: float = 0.5,
         max_jacobian_weight: float = 10.0,
+        budget_window: int = 200,
     ) -> None:
         super().__init__()
         bad = [a for a in actions if a not in ACTIONS]
@@ -57,6 +64,9 @@ class ConvergenceGuard(pl.Callback):
         self.initial_jacobian_weight = initial_jacobian_weight
         self.max_jacobian_weight = max_jacobian_weight
         self.recent: deque[float] = deque(maxlen=window)
+        self.budget_window = budget_window
+        self.reached: deque[float] = deque(maxlen=budget_window)  # fraction at tol itself, per step
+        self.budget_warned = False
         self.level = 0
         self.stopped_reason: str | None = None
         self.events: list[str] = []
@@ -81,6 +91,7 @@ class ConvergenceGuard(pl.Callback):
         # normal; losing the equilibrium means residuals far above tol, or divergence.
         near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
         self.recent.append(float(near.float().mean()))
+        self._check_budget(trainer, sol)
         if len(self.recent) < self.window:
             return
         mean = sum(self.recent) / len(self.recent)
@@ -111,6 +122,26 @@ class ConvergenceGuard(pl.Callback):
         else:
             self._stop(trainer, what)
 
+    def _check_budget(self, trainer: pl.Trainer, sol: Any) -> None:
+        """Warn once when samples come near equilibrium but rarely reach the tolerance."""
+        self.reached.append(float(sol.converged.float().mean()))
+        if self.budget_warned or len(self.reached) < self.budget_window:
+            return
+        mean = sum(self.reached) / len(self.reached)
+        if mean >= self.min_converged_fraction:
+            return
+        self.budget_warned = True
+        self.events.append("budget_warning")
+        median = float(sol.residual.median())
+        rank_zero_warn(
+            f"Only {mean:.0%} of samples reached the solver tolerance (tol={sol.tol:g}) over the last {self.budget_window} "
+            f"training steps (step {trainer.global_step}; median rel. residual {median:.3g}, {median / max(sol.tol, 1e-30):.1f}x tol, "
+            f"{sol.nfe} f-evals). The network may be learning the truncated iteration rather than an equilibrium; "
+            "such a model loses accuracy when evaluated with more solver steps. What to try: Jacobian regularization "
+            "(jacobian_weight > 0), the implicit backward instead of a 1-step phantom gradient, or a larger train_max_steps.",
+            category=ConvergenceWarning,
+        )
+
     def _stop(self, trainer: pl.Trainer, why: str) -> None:
         if self.stopped_reason is not None:
             return
@@ -123,9 +154,11 @@ class ConvergenceGuard(pl.Callback):
         rank_zero_warn(self.stopped_reason, category=ConvergenceWarning)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"level": self.level, "recent": list(self.recent), "events": list(self.events)}
+        return {"level": self.level, "recent": list(self.recent), "events": list(self.events), "reached": list(self.reached), "budget_warned": self.budget_warned}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.level = state_dict.get("level", 0)
         self.recent = deque(state_dict.get("recent", []), maxlen=self.window)
         self.events = list(state_dict.get("events", []))
+        self.reached = deque(state_dict.get("reached", []), maxlen=self.budget_window)
+        self.budget_warned = bool(state_dict.get("budget_warned", False))

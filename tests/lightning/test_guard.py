@@ -97,3 +97,33 @@ def test_guard_tolerates_a_tight_training_budget():
     _, sol = backbone(x, return_solution=True)
     assert not bool(sol.converged.any()) and float((sol.residual < 10 * sol.tol).float().mean()) > 0.5
     assert guard.events == [] and trainer.global_step == 30
+
+
+def test_guard_warns_once_when_samples_come_near_but_never_reach_tol():
+    """Budget-bound training (residual a few times tol, never at it) is not "losing the equilibrium"
+    (no escalation), but the guard says once that the model may learn the truncated iteration."""
+    from types import SimpleNamespace
+
+    from mdeq.core.errors import ConvergenceWarning
+
+    guard = ConvergenceGuard(window=5, budget_window=20)
+    near_only = SimpleNamespace(residual=torch.full((8,), 0.05), tol=0.02, converged=torch.zeros(8, dtype=torch.bool),
+                                diverged=torch.zeros(8, dtype=torch.bool), nfe=15)
+    module = SimpleNamespace(_last_solution=near_only)
+    trainer = SimpleNamespace(global_step=0, should_stop=False)
+    with pytest.warns(ConvergenceWarning, match="truncated iteration") as record:
+        for step in range(60):
+            trainer.global_step = step
+            guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
+    assert guard.events == ["budget_warning"] and len(record) == 1 and not trainer.should_stop
+    assert "2.5x tol" in str(record[0].message)
+    state = guard.state_dict()
+    fresh = ConvergenceGuard(window=5, budget_window=20)
+    fresh.load_state_dict(state)
+    assert fresh.budget_warned  # a resumed run does not repeat it
+    # samples that do reach tol: no warning
+    quiet = ConvergenceGuard(window=5, budget_window=20)
+    module.converged_ok = near_only.converged = torch.ones(8, dtype=torch.bool)
+    for step in range(60):
+        quiet.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
+    assert quiet.events == []
