@@ -90,8 +90,9 @@ class ConvergenceGuard(pl.Callback):
         # Training budgets are deliberately tight (few solver steps), so "not converged to tol" is
         # normal; losing the equilibrium means residuals far above tol, or divergence.
         near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
-        self.recent.append(float(near.float().mean()))
-        self._check_budget(trainer, sol)
+        near_fraction, reached_fraction = torch.stack([near.float().mean(), sol.converged.float().mean()]).tolist()  # one host read
+        self.recent.append(near_fraction)
+        self._check_budget(trainer, sol, reached_fraction)
         if len(self.recent) < self.window:
             return
         mean = sum(self.recent) / len(self.recent)
@@ -122,9 +123,9 @@ class ConvergenceGuard(pl.Callback):
         else:
             self._stop(trainer, what)
 
-    def _check_budget(self, trainer: pl.Trainer, sol: Any) -> None:
+    def _check_budget(self, trainer: pl.Trainer, sol: Any, reached_fraction: float) -> None:
         """Warn once when samples come near equilibrium but rarely reach the tolerance."""
-        self.reached.append(float(sol.converged.float().mean()))
+        self.reached.append(reached_fraction)
         if self.budget_warned or len(self.reached) < self.budget_window:
             return
         mean = sum(self.reached) / len(self.reached)

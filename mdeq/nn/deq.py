@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mdeq.core.backward import BackwardSpec, UnrolledBackward, get_backward
 from mdeq.core.equilibrium import solve_equilibrium
-from mdeq.core.errors import WarningThrottle, check_policy
+from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy
 from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
 from mdeq.core.neural_ode import NeuralODE
 from mdeq.core.packing import State, StatePacker
@@ -215,8 +215,7 @@ class DEQ(nn.Module):
         if not tensors or p is None:
             return None
         t = tensors[0]
-        kind = t.device.type
-        if not torch.is_autocast_enabled(kind) or t.dtype != torch.get_autocast_dtype(kind):
+        if t.dtype != autocast_dtype(t.device):
             return None
         return p.dtype if p.dtype.is_floating_point and p.dtype != t.dtype else None
 

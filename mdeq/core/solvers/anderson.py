@@ -68,7 +68,7 @@ class Anderson(Solver):
         slot = k % self.m
         X[:, slot].copy_(z)
         F[:, slot].copy_(fz)
-        G[:, slot].copy_(fz - z)  # (not sub(out=): torch.compile cannot trace out= into a strided view)
+        G[:, slot].copy_(fz).sub_(z)  # in place, no temporary (sub(out=<view>) does not compile)
         row = (G[:, :n] @ G[:, slot, :, None])[..., 0]  # only the new row/column of G G^T changes
         GG[:, slot, :n] = row
         GG[:, :n, slot] = row
