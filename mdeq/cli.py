@@ -208,7 +208,7 @@ def export(argv: list[str]) -> int:
     import json
     import shlex
 
-    from mdeq.lightning.zoo_tools import TASKS, export_checkpoint
+    from mdeq.lightning.zoo_tools import EVALUATION_SOLVER_OPTIONS, TASKS, export_checkpoint
 
     p = argparse.ArgumentParser(prog="mdeq export", description="export a trained checkpoint to the zoo (weights + model card)")
     p.add_argument("--checkpoint", required=True)
@@ -218,18 +218,31 @@ def export(argv: list[str]) -> int:
     p.add_argument("--out-dir", default="checkpoints")
     p.add_argument("--data-root", default=None)
     p.add_argument("--note", action="append", default=[], metavar="KEY=TEXT", help="an extra card field, e.g. selection='best validation epoch' (repeatable; TEXT may be JSON)")
+    p.add_argument(
+        "--solver-setting", action="append", default=[], metavar="KEY=VALUE",
+        help=f"evaluate and ship the model with this DEQ solver setting instead of the architecture's default ({', '.join(EVALUATION_SOLVER_OPTIONS)}; repeatable), e.g. max_steps=60",
+    )
     a = p.parse_args(argv)
-    notes: dict[str, object] = {}
-    for item in a.note:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            p.error(f"--note takes KEY=TEXT, got {item!r}")
-        try:
-            notes[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            notes[key.strip()] = text
+
+    def key_values(items: list[str], flag: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                p.error(f"{flag} takes KEY=VALUE, got {item!r}")
+            try:
+                out[key.strip()] = json.loads(text)
+            except json.JSONDecodeError:
+                out[key.strip()] = text
+        return out
+
+    notes = key_values(a.note, "--note")
+    settings = key_values(a.solver_setting, "--solver-setting")
+    unknown = sorted(set(settings) - set(EVALUATION_SOLVER_OPTIONS))
+    if unknown:
+        p.error(f"unknown --solver-setting {unknown}; choose from {list(EVALUATION_SOLVER_OPTIONS)}")
     command = " ".join(shlex.quote(x) for x in ["mdeq", "export", *argv])
-    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes)
+    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes, solver_settings=settings)
     print(json.dumps(card["metrics"], indent=2))
     return 0
 

@@ -92,6 +92,10 @@ def remeasure_card(name: str, root: str | None = None) -> dict[str, Any]:
 TRAINING_ONLY_OPTIONS = ("backward",)
 """Backbone options that change how a model trains but not what its weights compute."""
 
+EVALUATION_SOLVER_OPTIONS = ("solver", "tol", "max_steps", "stop_mode")
+"""DEQ options an export may set for evaluation (they change how far the equilibrium is solved,
+not the weights); they are stored in the card's ``architecture_kwargs``, so ``zoo.create`` uses them."""
+
 
 def export_checkpoint(
     checkpoint: str,
@@ -102,6 +106,7 @@ def export_checkpoint(
     root: str | None = None,
     command: str | None = None,
     notes: dict[str, Any] | None = None,
+    solver_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Turn a Lightning checkpoint of ``ClassificationModule`` into ``out_dir/<name>.safetensors``
     plus ``<name>.json``: re-measures test accuracy and f-evaluations, records the training
@@ -109,7 +114,9 @@ def export_checkpoint(
 
     Options that only shape training (the DEQ's ``backward``) are recorded under ``training``, not in
     ``architecture_kwargs``: loading the weights gives the library's default backward. ``notes``
-    adds free fields to the card (e.g. how the checkpoint was selected)."""
+    adds free fields to the card (e.g. how the checkpoint was selected). ``solver_settings`` (keys of
+    :data:`EVALUATION_SOLVER_OPTIONS`) replaces the architecture's default solver settings in the
+    exported model, e.g. a looser ``tol`` or more ``max_steps`` than the architecture's default."""
     import zoo
     from zoo.weights import save_weights, write_card
 
@@ -120,6 +127,10 @@ def export_checkpoint(
         raise ValueError(f"{checkpoint} was not trained with a zoo backbone name (got {arch!r}); cannot export")
     arch_kwargs = dict(hp.get("backbone_kwargs") or {})
     training_only = {k: arch_kwargs.pop(k) for k in TRAINING_ONLY_OPTIONS if k in arch_kwargs}
+    unknown = sorted(set(solver_settings or {}) - set(EVALUATION_SOLVER_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown solver setting(s) {unknown} for export; choose from {list(EVALUATION_SOLVER_OPTIONS)}")
+    arch_kwargs.update(solver_settings or {})
     model = zoo.create(arch, **arch_kwargs)
     prefix = "backbone."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

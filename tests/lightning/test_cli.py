@@ -94,6 +94,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
         "export", "--checkpoint", ckpt[0], "--name", "tiny_digits", "--task", "digits",
         "--config", "configs/digits/mdeq_digits.yaml", "--out-dir", str(out),
         "--note", "selection=the last checkpoint", "--note", 'reference={"accuracy": 0.98}',
+        "--solver-setting", "max_steps=7", "--solver-setting", "tol=0.005",
     ]) == 0
     card = json.loads((out / "tiny_digits.json").read_text())
     assert card["sha256"] == sha256_of(out / "tiny_digits.safetensors")
@@ -101,6 +102,8 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     # the backward shapes training only: kept out of the architecture, recorded under training
     assert "backward" not in card["architecture_kwargs"] and card["architecture_kwargs"]["channels"] == [8, 8]
     assert card["training"]["backbone_kwargs"] == {"backward": {"name": "phantom", "steps": 1}}
+    # evaluation solver settings replace the architecture's defaults, in the card and in the model
+    assert card["architecture_kwargs"]["max_steps"] == 7 and card["solver"]["max_steps"] == 7 and card["solver"]["tol"] == 0.005
     assert card["exported_with"].startswith("mdeq export --checkpoint")
     assert 0.0 <= card["metrics"]["test_accuracy"] <= 1.0 and card["metrics"]["num_test_samples"] == 360
     model = load_weights(zoo.create(card["architecture"], **card["architecture_kwargs"]), out / "tiny_digits.safetensors", sha256=card["sha256"])
@@ -109,3 +112,9 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
         assert torch.equal(v, state[f"backbone.{k}"]), k
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", ckpt[0], "--name", "x", "--task", "digits", "--config", "c.yaml", "--note", "no-equals-sign"])
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", ckpt[0], "--name", "x", "--task", "digits", "--config", "c.yaml", "--solver-setting", "channels=[4, 4]"])
+    from mdeq.lightning.zoo_tools import export_checkpoint
+
+    with pytest.raises(ValueError, match=r"unknown solver setting\(s\) \['lr'\]"):
+        export_checkpoint(ckpt[0], "x", "digits", "c.yaml", str(out), solver_settings={"lr": 1.0})
