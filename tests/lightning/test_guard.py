@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -120,10 +122,45 @@ def test_guard_warns_once_when_samples_come_near_but_never_reach_tol():
     state = guard.state_dict()
     fresh = ConvergenceGuard(window=5, budget_window=20)
     fresh.load_state_dict(state)
-    assert fresh.budget_warned  # a resumed run does not repeat it
+    assert fresh.budget_level == 1  # a resumed run does not repeat it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(60, 100):
+            fresh.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
+    assert fresh.events == ["budget_warning"]
     # samples that do reach tol: no warning
     quiet = ConvergenceGuard(window=5, budget_window=20)
     module.converged_ok = near_only.converged = torch.ones(8, dtype=torch.bool)
     for step in range(60):
         quiet.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
     assert quiet.events == []
+
+
+def test_guard_raises_the_jacobian_weight_while_samples_do_not_reach_tol():
+    """budget_actions=("warn", "increase_jacobian"): warn, then double the Jacobian weight every
+    failing window (a fresh window each time) up to max_jacobian_weight, then stay put; never stop."""
+    from types import SimpleNamespace
+
+    from mdeq.core.errors import ConvergenceWarning
+    from mdeq.lightning.recipes import JacobianSchedule
+
+    guard = ConvergenceGuard(window=5, budget_window=10, budget_actions=("warn", "increase_jacobian"), max_jacobian_weight=2.0)
+    near_only = SimpleNamespace(residual=torch.full((8,), 0.05), tol=0.02, converged=torch.zeros(8, dtype=torch.bool),
+                                diverged=torch.zeros(8, dtype=torch.bool), nfe=15)
+    module = SimpleNamespace(_last_solution=near_only, jacobian=JacobianSchedule(0.5, 0.3, 0.0, 100, 0))
+    trainer = SimpleNamespace(global_step=0, should_stop=False)
+    with pytest.warns(ConvergenceWarning) as record:
+        for step in range(70):
+            trainer.global_step = step
+            guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
+    assert guard.events == ["budget_warning", "increase_jacobian(1)", "increase_jacobian(2)"]
+    assert module.jacobian.weight == 2.0 and module.jacobian.warmup_steps == 0 and not trainer.should_stop
+    assert "Raising the Jacobian-regularization weight to 2" in str(record[-1].message)
+    # once the samples reach tol, no further action
+    near_only.converged = torch.ones(8, dtype=torch.bool)
+    guard.max_jacobian_weight = 8.0
+    for step in range(70, 100):
+        guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
+    assert module.jacobian.weight == 2.0 and len(guard.events) == 3
+    with pytest.raises(ValueError, match="unknown guard action"):
+        ConvergenceGuard(budget_actions=("warn", "retrain"))
