@@ -73,9 +73,17 @@ class ConvergenceGuard(pl.Callback):
         self.reached: deque[float] = deque(maxlen=budget_window)  # fraction at tol itself, per step
         self.budget_actions = tuple(budget_actions)
         self.budget_level = 0
+        self.jacobian_weight: float | None = None  # the weight this guard set, re-applied on resume
         self.level = 0
         self.stopped_reason: str | None = None
         self.events: list[str] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run gets back the Jacobian weight the guard had raised (the module's own
+        hyperparameters only hold the configured one)."""
+        schedule = getattr(pl_module, "jacobian", None)
+        if self.jacobian_weight is not None and schedule is not None:
+            schedule.weight, schedule.warmup_steps = self.jacobian_weight, 0
 
     # ---- the loss and gradients: never step on NaN ------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -133,6 +141,7 @@ class ConvergenceGuard(pl.Callback):
         new = min(self.max_jacobian_weight, schedule.weight * self.jacobian_factor if schedule.weight > 0 else self.initial_jacobian_weight)
         schedule.weight = new
         schedule.warmup_steps = 0
+        self.jacobian_weight = new
         self.events.append(f"increase_jacobian({new:g})")
         rank_zero_warn(f"{what} Raising the Jacobian-regularization weight to {new:g}.", category=ConvergenceWarning)
         return True
@@ -184,11 +193,12 @@ class ConvergenceGuard(pl.Callback):
         rank_zero_warn(self.stopped_reason, category=ConvergenceWarning)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"level": self.level, "recent": list(self.recent), "events": list(self.events), "reached": list(self.reached), "budget_level": self.budget_level}
+        return {"level": self.level, "recent": list(self.recent), "events": list(self.events), "reached": list(self.reached), "budget_level": self.budget_level, "jacobian_weight": self.jacobian_weight}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.level = state_dict.get("level", 0)
         self.recent = deque(state_dict.get("recent", []), maxlen=self.window)
         self.events = list(state_dict.get("events", []))
         self.reached = deque(state_dict.get("reached", []), maxlen=self.budget_window)
+        self.jacobian_weight = state_dict.get("jacobian_weight")
         self.budget_level = int(state_dict.get("budget_level", int(bool(state_dict.get("budget_warned", False)))))

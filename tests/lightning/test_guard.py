@@ -162,5 +162,11 @@ def test_guard_raises_the_jacobian_weight_while_samples_do_not_reach_tol():
     for step in range(70, 100):
         guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, step)
     assert module.jacobian.weight == 2.0 and len(guard.events) == 3
+    # a resumed run (fresh module from the config's weight 0.5) gets the raised weight back
+    resumed = ConvergenceGuard(budget_actions=("warn", "increase_jacobian"))
+    resumed.load_state_dict(guard.state_dict())
+    fresh_module = SimpleNamespace(jacobian=JacobianSchedule(0.5, 0.3, 0.0, 100, 0))
+    resumed.on_train_start(trainer, fresh_module)
+    assert fresh_module.jacobian.weight == 2.0 and fresh_module.jacobian.warmup_steps == 0
     with pytest.raises(ValueError, match="unknown guard action"):
         ConvergenceGuard(budget_actions=("warn", "retrain"))
