@@ -208,7 +208,7 @@ def export(argv: list[str]) -> int:
     import json
     import shlex
 
-    from mdeq.lightning.zoo_tools import EVALUATION_SOLVER_OPTIONS, TASKS, export_checkpoint
+    from mdeq.lightning.zoo_tools import EVALUATION_SOLVER_OPTIONS, TASKS, check_solver_settings, export_checkpoint
 
     p = argparse.ArgumentParser(prog="mdeq export", description="export a trained checkpoint to the zoo (weights + model card)")
     p.add_argument("--checkpoint", required=True)
@@ -238,9 +238,10 @@ def export(argv: list[str]) -> int:
 
     notes = key_values(a.note, "--note")
     settings = key_values(a.solver_setting, "--solver-setting")
-    unknown = sorted(set(settings) - set(EVALUATION_SOLVER_OPTIONS))
-    if unknown:
-        p.error(f"unknown --solver-setting {unknown}; choose from {list(EVALUATION_SOLVER_OPTIONS)}")
+    try:
+        check_solver_settings(settings)  # before the checkpoint is read: a usage error, not a traceback
+    except ValueError as err:
+        p.error(str(err))
     command = " ".join(shlex.quote(x) for x in ["mdeq", "export", *argv])
     card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes, solver_settings=settings)
     print(json.dumps(card["metrics"], indent=2))

@@ -129,24 +129,22 @@ class ConvergenceGuard(pl.Callback):
         else:
             self._stop(trainer, what)
 
-    def _increase_jacobian(self, pl_module: pl.LightningModule, what: str) -> bool:
-        """Multiply the module's Jacobian weight (or start it); False when it has no schedule or
-        the weight is already at ``max_jacobian_weight``."""
+    def _increase_jacobian(self, pl_module: pl.LightningModule, what: str) -> None:
+        """Multiply the module's Jacobian weight (or start it), up to ``max_jacobian_weight``."""
         schedule = getattr(pl_module, "jacobian", None)
         if schedule is None:
             self.events.append("increase_jacobian(unavailable)")
-            return False
+            return
         if schedule.weight >= self.max_jacobian_weight:
-            return False
+            return
         new = min(self.max_jacobian_weight, schedule.weight * self.jacobian_factor if schedule.weight > 0 else self.initial_jacobian_weight)
         schedule.weight = new
         schedule.warmup_steps = 0
         self.jacobian_weight = new
         self.events.append(f"increase_jacobian({new:g})")
         rank_zero_warn(f"{what} Raising the Jacobian-regularization weight to {new:g}.", category=ConvergenceWarning)
-        return True
 
-    def _check_budget(self, trainer: pl.Trainer, sol: Any, reached_fraction: float, pl_module: pl.LightningModule | None = None) -> None:
+    def _check_budget(self, trainer: pl.Trainer, sol: Any, reached_fraction: float, pl_module: pl.LightningModule) -> None:
         """Act (``budget_actions``) when samples come near equilibrium but rarely reach the tolerance."""
         self.reached.append(reached_fraction)
         if len(self.reached) < self.budget_window:
@@ -176,8 +174,7 @@ class ConvergenceGuard(pl.Callback):
                 category=ConvergenceWarning,
             )
         elif action == "increase_jacobian":
-            if pl_module is not None:
-                self._increase_jacobian(pl_module, what)
+            self._increase_jacobian(pl_module, what)
         else:
             self._stop(trainer, what)
 

@@ -97,6 +97,13 @@ EVALUATION_SOLVER_OPTIONS = ("solver", "tol", "max_steps", "stop_mode")
 not the weights); they are stored in the card's ``architecture_kwargs``, so ``zoo.create`` uses them."""
 
 
+def check_solver_settings(settings: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming any key of ``settings`` outside :data:`EVALUATION_SOLVER_OPTIONS`."""
+    unknown = sorted(set(settings) - set(EVALUATION_SOLVER_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown solver setting(s) {unknown} for export; choose from {list(EVALUATION_SOLVER_OPTIONS)}")
+
+
 def export_checkpoint(
     checkpoint: str,
     name: str,
@@ -127,9 +134,7 @@ def export_checkpoint(
         raise ValueError(f"{checkpoint} was not trained with a zoo backbone name (got {arch!r}); cannot export")
     arch_kwargs = dict(hp.get("backbone_kwargs") or {})
     training_only = {k: arch_kwargs.pop(k) for k in TRAINING_ONLY_OPTIONS if k in arch_kwargs}
-    unknown = sorted(set(solver_settings or {}) - set(EVALUATION_SOLVER_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown solver setting(s) {unknown} for export; choose from {list(EVALUATION_SOLVER_OPTIONS)}")
+    check_solver_settings(solver_settings or {})
     arch_kwargs.update(solver_settings or {})
     model = zoo.create(arch, **arch_kwargs)
     prefix = "backbone."
