@@ -195,10 +195,25 @@ def test_zoo_model(argv: list[str]) -> int:
     p.add_argument("--data", required=True, choices=sorted(TASKS))
     p.add_argument("--data-root", default=None, help="dataset root (default $MDEQ_DATA or ./data)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-steps", type=int, default=None, help="solver steps (default: the model card's)")
+    p.add_argument("--tol", type=float, default=None, help="solver tolerance (default: the model card's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    p.add_argument(
+        "--equilibrium-check", action="store_true",
+        help="also measure at 2x and 5x the solver steps (tol /2, /10): does accuracy hold as the solve tightens?",
+    )
     a = p.parse_args(argv)
+    for flag, value in (("--max-steps", a.max_steps), ("--tol", a.tol), ("--limit", a.limit)):
+        if value is not None and value <= 0:
+            p.error(f"{flag} must be positive, got {value}")
     model = zoo.create(a.model, pretrained=True)
-    m = evaluate(model, a.data, a.data_root, a.batch_size)
+    m = evaluate(model, a.data, a.data_root, a.batch_size, a.limit, max_steps=a.max_steps, tol=a.tol)
     print(summary_line({f"test/{k}": v for k, v in m.items()}))
+    if a.equilibrium_check:
+        from mdeq.lightning.equilibrium_check import default_budgets, equilibrium_check, format_check
+
+        budgets = default_budgets(model, a.max_steps, a.tol)  # around the budget chosen above
+        print(format_check(equilibrium_check(model, a.data, a.data_root, a.limit, budgets, a.batch_size)))
     return 0
 
 

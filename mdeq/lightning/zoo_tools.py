@@ -17,6 +17,8 @@ from torch import nn
 from mdeq.lightning.classification import ClassificationModule
 from mdeq.lightning.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
 from mdeq.lightning.data.base import ClassificationDataModule
+from mdeq.lightning.equilibrium_check import equilibrium_check
+from mdeq.lightning.recipes import deq_layers
 
 TASKS: dict[str, type[ClassificationDataModule]] = {
     "digits": DigitsDataModule,
@@ -40,16 +42,30 @@ def task_datamodule(task: str, root: str | None = None, batch_size: int = 256, l
     return TASKS[task](**kwargs)
 
 
-def evaluate(model: nn.Module, task: str, root: str | None = None, batch_size: int = 256, limit_test: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    task: str,
+    root: str | None = None,
+    batch_size: int = 256,
+    limit_test: int | None = None,
+    max_steps: int | None = None,
+    tol: float | None = None,
+) -> dict[str, float]:
     """Test-split metrics of ``model`` on ``task`` (the first ``limit_test`` images when given):
-    accuracy, top-5, mean forward f-evaluations per batch, residual statistics, fraction converged."""
+    accuracy, top-5, mean forward f-evaluations per batch, residual statistics, fraction converged.
+    ``max_steps`` / ``tol`` override the DEQ layers' own solver budget for this evaluation only."""
     dm = task_datamodule(task, root, batch_size, limit_test)
-    module = ClassificationModule(backbone=model, num_classes=dm.num_classes)
+    module = ClassificationModule(backbone=model, num_classes=dm.num_classes, eval_max_steps=max_steps, eval_tol=tol)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    own = [(d, d.max_steps, d.tol) for d in deq_layers(model)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    finally:  # the model keeps its own solver budget
+        for d, steps, t in own:
+            d.max_steps, d.tol = steps, t
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items()} | {"num_test_samples": float(len(dm.test_set))}
 
 
@@ -70,8 +86,8 @@ def card_metrics(metrics: dict[str, float], sliced: dict[str, float] | None) -> 
 
 
 def remeasure_card(name: str, root: str | None = None) -> dict[str, Any]:
-    """Re-measure a shipped model's metrics from its weights and rewrite its card's ``metrics``
-    (the weights file and its SHA-256 are untouched)."""
+    """Re-measure a shipped model's metrics and equilibrium check from its weights and rewrite
+    those fields of its card (the weights file and its SHA-256 are untouched)."""
     import zoo
     from zoo.weights import read_card, write_card
 
@@ -85,6 +101,7 @@ def remeasure_card(name: str, root: str | None = None) -> dict[str, Any]:
     metrics = evaluate(model, card["task"], root)
     sliced = evaluate(model, card["task"], root, limit_test=TEST_SLICE) if card["task"] != "digits" else None
     card["metrics"] = card_metrics(metrics, sliced)
+    card["equilibrium_check"] = equilibrium_check(model, card["task"], root, limit_test=TEST_SLICE if card["task"] != "digits" else None)
     write_card(card_path, card)
     return card
 
@@ -160,6 +177,7 @@ def export_checkpoint(
         "num_classes": dm.num_classes,
         "solver": {"name": deq.solver.name, "options": {k: v for k, v in deq.solver.options().items() if isinstance(v, (int, float, str, bool))}, "tol": deq.tol, "max_steps": deq.max_steps, "stop_mode": deq.stop_mode},
         "metrics": card_metrics(metrics, sliced),
+        "equilibrium_check": equilibrium_check(model, task, root, limit_test=TEST_SLICE if task != "digits" else None),
         "measured_with": f"mdeq test --model {name} --data {task}" + (" --data-root <root>" if task != "digits" else ""),
         "train_config": config,
         "train_command": f"mdeq fit --config {config}",

@@ -105,6 +105,10 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     # evaluation solver settings replace the architecture's defaults, in the card and in the model
     assert card["architecture_kwargs"]["max_steps"] == 7 and card["solver"]["max_steps"] == 7 and card["solver"]["tol"] == 0.005
     assert card["exported_with"].startswith("mdeq export --checkpoint")
+    # the equilibrium check runs around the shipped budget, on the same test images
+    check = card["equilibrium_check"]
+    assert [(r["max_steps"], r["tol"]) for r in check["rows"]] == [(7, 0.005), (14, 0.0025), (35, pytest.approx(0.0005))]
+    assert check["first_n"] == 360 and check["rows"][0]["accuracy"] == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-6)
     assert 0.0 <= card["metrics"]["test_accuracy"] <= 1.0 and card["metrics"]["num_test_samples"] == 360
     model = load_weights(zoo.create(card["architecture"], **card["architecture_kwargs"]), out / "tiny_digits.safetensors", sha256=card["sha256"])
     state = torch.load(ckpt[0], map_location="cpu", weights_only=True)["state_dict"]

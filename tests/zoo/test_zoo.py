@@ -76,6 +76,26 @@ def test_shipped_weights_reach_their_card_accuracy(name):
     assert abs(measured["acc"] - sl["accuracy"]) <= 0.005
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_keep_their_equilibrium(name):
+    """Every card carries an equilibrium check (its own budget, then 2x and 5x the steps at a
+    tighter tol) whose verdict holds: nothing ships that only works on a truncated iterate."""
+    from mdeq.lightning.equilibrium_check import equilibrium_verdict
+
+    card = zoo.card(name)
+    check = card.get("equilibrium_check")
+    assert check, f"{name}'s card has no equilibrium check (re-export, or zoo_tools.remeasure_card)"
+    rows = check["rows"]
+    assert (rows[0]["max_steps"], rows[0]["tol"]) == (card["solver"]["max_steps"], card["solver"]["tol"])
+    assert rows[-1]["max_steps"] >= 5 * rows[0]["max_steps"] and rows[-1]["tol"] <= rows[0]["tol"] / 10 * 1.0001
+    assert equilibrium_verdict(rows) == {k: check[k] for k in ("holds", "accuracy_change", "summary")}  # not edited by hand
+    assert check["holds"], check["summary"]
+    # the first budget is the card's own, on the card's test slice: the same accuracy
+    expected = card["metrics"]["test_slice"]["accuracy"] if "test_slice" in card["metrics"] else card["metrics"]["test_accuracy"]
+    assert check["first_n"] == card["metrics"].get("test_slice", {}).get("first_n", card["metrics"]["num_test_samples"])
+    assert rows[0]["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_pretrained_with_another_class_count_reinitialises_only_the_head():
     ref = zoo.create("mdeq_digits", pretrained=True)
     torch.manual_seed(0)
