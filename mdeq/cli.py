@@ -213,7 +213,7 @@ def test_zoo_model(argv: list[str]) -> int:
         from mdeq.lightning.equilibrium_check import default_budgets, equilibrium_check, format_check
 
         budgets = default_budgets(model, a.max_steps, a.tol)  # around the budget chosen above
-        print(format_check(equilibrium_check(model, a.data, a.data_root, a.limit, budgets, a.batch_size)))
+        print(format_check(equilibrium_check(model, a.data, a.data_root, a.limit, budgets, a.batch_size, first_metrics=m)))
     return 0
 
 

@@ -68,17 +68,23 @@ def equilibrium_check(
     limit_test: int | None = None,
     budgets: Sequence[tuple[int, float]] | None = None,
     batch_size: int = 256,
+    first_metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Test metrics of ``model`` on ``task`` (the first ``limit_test`` test images when given) at
     each ``(max_steps, tol)`` budget, by default :func:`default_budgets`; the model's own settings
-    are restored afterwards. Returns ``{"first_n", "rows", "holds", "accuracy_change", "summary"}``."""
+    are restored afterwards. ``first_metrics``: :func:`evaluate`'s result for the first budget on
+    the same images, when the caller already has it (it is not measured again).
+    Returns ``{"first_n", "rows", "holds", "accuracy_change", "summary"}``."""
     from mdeq.lightning.zoo_tools import evaluate
 
     budgets = list(budgets) if budgets is not None else default_budgets(model)
     rows = []
     num = 0
-    for steps, tol in budgets:
-        m = evaluate(model, task, root, batch_size, limit_test, max_steps=int(steps), tol=float(tol))
+    for i, (steps, tol) in enumerate(budgets):
+        if i == 0 and first_metrics is not None:
+            m = first_metrics
+        else:
+            m = evaluate(model, task, root, batch_size, limit_test, max_steps=int(steps), tol=float(tol))
         num = int(m["num_test_samples"])
         rows.append(
             {

@@ -101,7 +101,7 @@ def remeasure_card(name: str, root: str | None = None) -> dict[str, Any]:
     metrics = evaluate(model, card["task"], root)
     sliced = evaluate(model, card["task"], root, limit_test=TEST_SLICE) if card["task"] != "digits" else None
     card["metrics"] = card_metrics(metrics, sliced)
-    card["equilibrium_check"] = equilibrium_check(model, card["task"], root, limit_test=TEST_SLICE if card["task"] != "digits" else None)
+    card["equilibrium_check"] = equilibrium_check(model, card["task"], root, limit_test=TEST_SLICE if sliced else None, first_metrics=sliced or metrics)
     write_card(card_path, card)
     return card
 
@@ -177,7 +177,7 @@ def export_checkpoint(
         "num_classes": dm.num_classes,
         "solver": {"name": deq.solver.name, "options": {k: v for k, v in deq.solver.options().items() if isinstance(v, (int, float, str, bool))}, "tol": deq.tol, "max_steps": deq.max_steps, "stop_mode": deq.stop_mode},
         "metrics": card_metrics(metrics, sliced),
-        "equilibrium_check": equilibrium_check(model, task, root, limit_test=TEST_SLICE if task != "digits" else None),
+        "equilibrium_check": equilibrium_check(model, task, root, limit_test=TEST_SLICE if sliced else None, first_metrics=sliced or metrics),
         "measured_with": f"mdeq test --model {name} --data {task}" + (" --data-root <root>" if task != "digits" else ""),
         "train_config": config,
         "train_command": f"mdeq fit --config {config}",
