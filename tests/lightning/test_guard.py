@@ -170,3 +170,22 @@ def test_guard_raises_the_jacobian_weight_while_samples_do_not_reach_tol():
     assert fresh_module.jacobian.weight == 2.0 and fresh_module.jacobian.warmup_steps == 0
     with pytest.raises(ValueError, match="unknown guard action"):
         ConvergenceGuard(budget_actions=("warn", "retrain"))
+
+
+class UnrollableBackbone(Backbone):
+    def forward(self, x, return_solution=False, unroll=None):
+        z, sol = self.deq(self.enc(x.flatten(1)), unroll=unroll)
+        logits = self.head(z)
+        return (logits, sol) if return_solution else logits
+
+
+def test_guard_ignores_the_unrolled_warm_up():
+    """pretrain_steps run N plain iterations with no tolerance (tol 0): not a lost equilibrium, and
+    not a budget miss. Before, the guard stopped such runs at the end of its third window."""
+    pl.seed_everything(0, verbose=False)
+    guard = ConvergenceGuard(window=5, budget_window=5, budget_actions=("warn", "increase_jacobian"))
+    module = ClassificationModule(backbone=UnrollableBackbone(solver="anderson"), lr=1e-3, scheduler="constant", pretrain_steps=25, pretrain_unroll=3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[guard])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert guard.events == [] and guard.stopped_reason is None and trainer.global_step == 30
+    assert module.jacobian.weight == 0.0
