@@ -48,16 +48,18 @@ def _lightning_cli(argv: list[str]) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
-    from mdeq.lightning.checkpoint_io import use_atomic_checkpoints
+    from mdeq.lightning.checkpoint_io import use_atomic_checkpoints, use_stable_checkpoint_dirs
     from mdeq.lightning.classification import DEQLightningModule
 
     class MDEQCLI(LightningCLI):
-        """Checkpoints are written atomically; after ``fit``: test the best checkpoint (when the
+        """Checkpoints are written atomically into ``<default_root_dir>/checkpoints`` (the same folder
+        on every restart, so ``--ckpt_path last`` resumes); after ``fit``: test the best checkpoint (when the
         data has a test split) and print accuracy and solver statistics."""
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             use_atomic_checkpoints(trainer)
+            use_stable_checkpoint_dirs(trainer)
             return trainer
 
         def after_fit(self) -> None:

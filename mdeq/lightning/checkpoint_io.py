@@ -1,4 +1,6 @@
-"""Checkpoint writes that are atomic on a local disk: a crash mid-write never corrupts last.ckpt."""
+"""Checkpoints that survive interruption: writes are atomic on a local disk (a crash mid-write never
+corrupts last.ckpt), and they go to one folder per run directory, not per logger run, so a resumed
+fit finds them."""
 
 from __future__ import annotations
 
@@ -53,3 +55,17 @@ def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
     """Switch ``trainer`` to :class:`AtomicCheckpointIO` unless a custom checkpoint IO was chosen."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def use_stable_checkpoint_dirs(trainer: pl.Trainer) -> None:
+    """Point every ``ModelCheckpoint`` without a ``dirpath`` at ``<default_root_dir>/checkpoints``.
+
+    Lightning's default folder is the logger's per-run one (``<save_dir>/<project>/<run id>/checkpoints``
+    for W&B), and an offline W&B run gets a new id on every start. A resumed fit would then look for
+    ``--ckpt_path last`` in an empty folder and start from scratch (Lightning only warns), and
+    ``ModelCheckpoint`` would forget its best score ("dirpath has changed"). One folder per
+    ``default_root_dir`` keeps both across restarts. An explicit ``dirpath`` is left as it is.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is None:
+            callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -146,3 +147,28 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     assert a["epoch"] == b["epoch"] == 5 and a["global_step"] == b["global_step"]
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_with_the_wandb_logger_finds_last_and_keeps_the_best_score(tmp_path, caplog, recwarn):
+    """An offline W&B run gets a new id on every start; checkpoints must not live under it, or
+    ``--ckpt_path last`` finds nothing and training silently starts again from scratch."""
+    from mdeq.cli import main
+
+    small = '{"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}'
+    args = [
+        "fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--model.init_args.backbone_kwargs", small,
+    ]
+    assert main([*args, "--trainer.max_epochs", "1"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
+    folder = tmp_path / "runs" / "digits" / "mdeq_digits" / "checkpoints"
+    assert f"Restoring states from the checkpoint path at {folder / 'last.ckpt'}" in caplog.text
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert len(glob_runs := list((tmp_path / "runs").rglob("offline-run-*"))) == 2, glob_runs  # two W&B runs
+    assert {p.parent for p in (tmp_path / "runs").rglob("*.ckpt")} == {folder}  # none under the W&B runs
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 6)
+    best = next(v for k, v in last["callbacks"].items() if "val/acc" in k)
+    assert best["best_model_score"] is not None and len(best["best_k_models"]) == 1
