@@ -125,11 +125,13 @@ def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None, 
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``model``'s state_dict as safetensors; returns the file's SHA-256."""
+    """Write ``model``'s state_dict as safetensors (readable by all, like any other data file);
+    returns the file's SHA-256."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata=dict(metadata or {}))
+    Path(path).chmod(0o644)  # safetensors creates its files owner-only (0600), whatever the umask
     return sha256_of(path)
 
 

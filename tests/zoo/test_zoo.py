@@ -147,6 +147,7 @@ def test_truncated_file_is_refused(shipped_copy):
 def test_another_models_file_is_refused(shipped_copy, tmp_path):
     other = tmp_path / "other.safetensors"
     save_weights(zoo.create("conv_deq_small_gray"), other)
+    assert other.stat().st_mode & 0o777 == 0o644  # shippable: safetensors alone writes 0600
     with pytest.raises(WeightsError, match="does not fit MDEQClassifier.*missing.*unexpected"):
         load_weights(zoo.create("mdeq_digits"), other)
 
