@@ -29,6 +29,7 @@ PRETRAINED = {
     "mdeq_mnist": ("mdeq_mnist", "mnist"),
     "mdeq_fashion_mnist": ("mdeq_mnist", "fashion_mnist"),
     "conv_deq_small_cifar10": ("conv_deq_small", "cifar10"),
+    "mdeq_tiny_cifar10": ("mdeq_tiny", "cifar10"),
 }
 
 for _name, (_arch, _task) in PRETRAINED.items():
