@@ -56,16 +56,19 @@ def evaluate(
     ``max_steps`` / ``tol`` override the DEQ layers' own solver budget for this evaluation only."""
     dm = task_datamodule(task, root, batch_size, limit_test)
     module = ClassificationModule(backbone=model, num_classes=dm.num_classes, eval_max_steps=max_steps, eval_tol=tol)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # quiet for this evaluation only
     own = [(d, d.max_steps, d.tol) for d in deq_layers(model)]
     try:
+        trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
-    finally:  # the model keeps its own solver budget
+    finally:  # the model keeps its own solver budget; the caller's logging stays as it was
         for d, steps, t in own:
             d.max_steps, d.tol = steps, t
+        lightning_log.setLevel(level)
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items()} | {"num_test_samples": float(len(dm.test_set))}
 
 

@@ -161,7 +161,7 @@ def test_resume_with_the_wandb_logger_finds_last_and_keeps_the_best_score(tmp_pa
     ]
     assert main([*args, "--trainer.max_epochs", "1"]) == 0
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         assert main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
     folder = tmp_path / "runs" / "digits" / "mdeq_digits" / "checkpoints"
     assert f"Restoring states from the checkpoint path at {folder / 'last.ckpt'}" in caplog.text

@@ -68,10 +68,15 @@ def test_check_on_shipped_digits_weights_holds_and_leaves_the_model_unchanged():
 
 
 def test_evaluate_with_a_budget_uses_it_once():
+    import logging
+
     model = zoo.create("mdeq_digits", pretrained=True)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    before = lightning_log.level
     one_step = evaluate(model, "digits", max_steps=1)
     assert one_step["nfe"] == 1.0 and one_step["converged_fraction"] < 1.0
     assert evaluate(model, "digits")["nfe"] > 1.0  # back to the model's own 30 steps
+    assert lightning_log.level == before  # quiet during the evaluation only
 
 
 def test_cli_prints_the_check(capsys):
