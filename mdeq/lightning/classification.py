@@ -27,8 +27,15 @@ from mdeq.lightning.recipes import (
 )
 
 
-def build_backbone(backbone: Union[str, nn.Module], backbone_kwargs: dict[str, Any] | None, pretrained: bool = False) -> nn.Module:
-    """A backbone instance from a zoo name (with keyword arguments) or the instance itself."""
+def build_backbone(
+    backbone: Union[str, nn.Module], backbone_kwargs: dict[str, Any] | None, pretrained: bool = False, init_weights: str | None = None
+) -> nn.Module:
+    """A backbone instance from a zoo name (with keyword arguments) or the instance itself;
+    ``pretrained`` loads the zoo's shipped weights, ``init_weights`` a file of your own."""
+    if pretrained and init_weights is not None:
+        raise ValueError("give either pretrained=True (the zoo's shipped weights) or init_weights (a file), not both")
+    if init_weights is not None:
+        return load_backbone_weights(build_backbone(backbone, backbone_kwargs), init_weights)
     if isinstance(backbone, nn.Module):
         if backbone_kwargs:
             raise ValueError("backbone_kwargs only apply when the backbone is given by name")
@@ -43,6 +50,22 @@ def build_backbone(backbone: Union[str, nn.Module], backbone_kwargs: dict[str, A
     return zoo.create(backbone, **kwargs).train()
 
 
+def load_backbone_weights(model: nn.Module, path: str) -> nn.Module:
+    """Start ``model`` from the weights in ``path``: a Lightning checkpoint of an mdeq module (its
+    ``backbone.`` tensors), a zoo ``.safetensors`` file or a plain state dict. Read without running
+    code (safetensors or ``weights_only=True``); names and shapes must match exactly. Only the
+    weights load: optimiser, schedule and step count start fresh (resuming is ``--ckpt_path``)."""
+    from zoo.weights import check_compatible, read_tensors
+
+    tensors = read_tensors(path)
+    prefix = "backbone."
+    if any(k.startswith(prefix) for k in tensors):
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    check_compatible(model, tensors, f"init_weights {path}")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
 class DEQLightningModule(pl.LightningModule):
     """What every mdeq LightningModule shares: backbone, DEQ recipes, optimiser, logging of
     solver statistics, resumable random state."""
@@ -52,6 +75,7 @@ class DEQLightningModule(pl.LightningModule):
         backbone: Union[str, nn.Module],
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
+        init_weights: str | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -76,7 +100,7 @@ class DEQLightningModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        self.backbone = build_backbone(backbone, backbone_kwargs, pretrained)
+        self.backbone = build_backbone(backbone, backbone_kwargs, pretrained, init_weights)
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.scheduler_name, self.warmup_steps, self.min_lr_ratio = scheduler, warmup_steps, min_lr_ratio
         if scheduler not in SCHEDULERS:

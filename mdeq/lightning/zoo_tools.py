@@ -152,7 +152,12 @@ def export_checkpoint(
     arch = hp.get("backbone")
     if not isinstance(arch, str):
         raise ValueError(f"{checkpoint} was not trained with a zoo backbone name (got {arch!r}); cannot export")
-    arch_kwargs = dict(hp.get("backbone_kwargs") or {})
+    # A run that started from a zoo model's weights names that model (e.g. mdeq_tiny_cifar10);
+    # the card names its architecture (mdeq_tiny) and records where training started.
+    started_from = {"zoo_weights": arch} if hp.get("pretrained") else {"init_weights": hp["init_weights"]} if hp.get("init_weights") else {}
+    base = zoo.entry(arch)
+    arch = base.architecture.__name__
+    arch_kwargs = {**base.kwargs, **dict(hp.get("backbone_kwargs") or {})}
     training_only = {k: arch_kwargs.pop(k) for k in TRAINING_ONLY_OPTIONS if k in arch_kwargs}
     check_solver_settings(solver_settings or {})
     arch_kwargs.update(solver_settings or {})
@@ -185,7 +190,12 @@ def export_checkpoint(
         "train_config": config,
         "train_command": f"mdeq fit --config {config}",
         "exported_with": command or " ".join(shlex.quote(a) for a in ["mdeq", *sys.argv[1:]]),
-        "training": {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"), **({"backbone_kwargs": training_only} if training_only else {})},
+        "training": {
+            "epoch": ckpt.get("epoch"),
+            "global_step": ckpt.get("global_step"),
+            **({"backbone_kwargs": training_only} if training_only else {}),
+            **({"started_from": started_from} if started_from else {}),
+        },
         "weights_file": weights.name,
         "sha256": sha,
         "created": datetime.date.today().isoformat(),

@@ -26,12 +26,23 @@ def test_every_task_has_a_config():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{Path(c).parent.name}/{Path(c).stem}")
 def test_config_runs_one_batch(config, tmp_path):
     task = Path(config).parent.name
+    cfg = yaml.safe_load(Path(config).read_text())
+    init = cfg["model"]["init_args"]
+    if init.get("init_weights") is not None:  # a later stage: its start is relative to the repo
+        start = REPO / init["init_weights"]
+        if not start.is_file():  # the first stage was not run here: start from fresh weights
+            from zoo import create, save_weights
+
+            start = tmp_path / "stage1.safetensors"
+            save_weights(create(init["backbone"], **init.get("backbone_kwargs", {})), start)
+        init["init_weights"] = str(start)
+        config = str(tmp_path / "with_start.yaml")
+        Path(config).write_text(yaml.safe_dump(cfg))
     args = ["fit", "--config", config, "--trainer.fast_dev_run", "1", "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
     if task in NEEDS_DATA:
         if real_data_root() is not None:
             args += ["--data.init_args.root", str(real_data_root()), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4"]
         else:  # no data here: same config with a synthetic DataModule of the same shape
-            cfg = yaml.safe_load(Path(config).read_text())
             cfg["data"] = {"class_path": "mdeq.lightning.SyntheticDataModule", "init_args": {"input_shape": list(NEEDS_DATA[task]), "batch_size": 4}}
             config = str(tmp_path / "synthetic.yaml")
             Path(config).write_text(yaml.safe_dump(cfg))
@@ -78,6 +89,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     import torch
 
     import zoo
+    from mdeq.lightning.zoo_tools import export_checkpoint
     from zoo.weights import load_weights, sha256_of
 
     small = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2, "backward": {"name": "phantom", "steps": 1}}
@@ -114,11 +126,27 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     state = torch.load(ckpt[0], map_location="cpu", weights_only=True)["state_dict"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[f"backbone.{k}"]), k
+    # a run that started from a zoo model's weights (backbone: <zoo model>, pretrained: true) or from
+    # a file (init_weights): the card names the architecture and records where training started
+    from zoo import registry
+
+    registry.register_pretrained("digits_alias_for_test", zoo.entry("mdeq_digits").architecture, "digits", "none.safetensors")
+    try:
+        for started in ({"pretrained": True}, {"init_weights": "runs/first.ckpt"}):
+            whole = torch.load(ckpt[0], map_location="cpu", weights_only=True)
+            whole["hyper_parameters"].update(backbone="digits_alias_for_test", **started)
+            torch.save(whole, tmp_path / "continued.ckpt")
+            again = export_checkpoint(str(tmp_path / "continued.ckpt"), "continued", "digits", "c.yaml", str(out))
+            assert again["architecture"] == "mdeq_digits" and again["architecture_kwargs"]["channels"] == [8, 8]
+            expected = {"zoo_weights": "digits_alias_for_test"} if "pretrained" in started else started
+            assert again["training"]["started_from"] == expected
+    finally:
+        del registry._MODELS["digits_alias_for_test"]
+    assert "started_from" not in card["training"]
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", ckpt[0], "--name", "x", "--task", "digits", "--config", "c.yaml", "--note", "no-equals-sign"])
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", ckpt[0], "--name", "x", "--task", "digits", "--config", "c.yaml", "--solver-setting", "channels=[4, 4]"])
-    from mdeq.lightning.zoo_tools import export_checkpoint
 
     with pytest.raises(ValueError, match=r"unknown solver setting\(s\) \['lr'\]"):
         export_checkpoint(ckpt[0], "x", "digits", "c.yaml", str(out), solver_settings={"lr": 1.0})

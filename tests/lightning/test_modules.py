@@ -93,6 +93,43 @@ def test_module_can_start_from_shipped_weights():
         torch.testing.assert_close(a, b, msg=k)
 
 
+def test_module_can_start_from_its_own_checkpoint_or_a_weights_file(tmp_path):
+    """init_weights: a Lightning checkpoint (its backbone tensors) or a safetensors file; the
+    weights load, the step count and optimiser do not."""
+    from zoo import save_weights
+    from zoo.weights import WeightsError
+
+    pl.seed_everything(0)
+    first = ClassificationModule(**small_mdeq())
+    t = trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(first, datamodule=SyntheticDataModule(batch_size=16))
+    ckpt = tmp_path / "first.ckpt"
+    t.save_checkpoint(ckpt)
+    x = torch.randn(3, 1, 8, 8)
+    first.eval()
+    with torch.no_grad():
+        expected = first(x)
+    pl.seed_everything(1)  # a different random init, which init_weights must overwrite
+    for source in (ckpt, tmp_path / "first.safetensors"):
+        if source.suffix == ".safetensors":
+            save_weights(first.backbone, source)
+        second = ClassificationModule(**small_mdeq(init_weights=str(source)))
+        assert second.backbone.training, "handed to the trainer in training mode"
+        second.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(second(x), expected, msg=str(source))
+    fresh = ClassificationModule(**small_mdeq())
+    with torch.no_grad():
+        assert not torch.allclose(fresh.eval()(x), expected)
+
+    with pytest.raises(WeightsError, match=r"init_weights .*first.ckpt does not fit .*shape mismatch"):
+        ClassificationModule(backbone="mdeq_digits", backbone_kwargs=dict(small_mdeq()["backbone_kwargs"], channels=[8, 12]), init_weights=str(ckpt))
+    with pytest.raises(WeightsError, match="weights file not found"):
+        ClassificationModule(**small_mdeq(init_weights=str(tmp_path / "missing.ckpt")))
+    with pytest.raises(ValueError, match="either pretrained=True .* or init_weights"):
+        ClassificationModule(backbone="mdeq_digits", pretrained=True, init_weights=str(ckpt))
+
+
 def test_regression_toy_through_lightning():
     pl.seed_everything(0)
     module = RegressionModule(backbone="deq_toy_regressor", lr=0.05, scheduler="constant")
