@@ -66,6 +66,20 @@ def load_backbone_weights(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
+def weights_origin(backbone: Union[str, nn.Module], pretrained: bool, init_weights: str | None) -> dict[str, str] | None:
+    """Where a run's starting weights came from, with their SHA-256 (kept in its checkpoints, so an
+    exported card can say what training started from even after those weights are replaced)."""
+    if init_weights is not None:
+        from zoo.weights import sha256_of
+
+        return {"init_weights": str(init_weights), "sha256": sha256_of(init_weights)}
+    if pretrained and isinstance(backbone, str):
+        import zoo
+
+        return {"zoo_weights": backbone, "sha256": zoo.card(backbone).get("sha256", "")}
+    return None
+
+
 class DEQLightningModule(pl.LightningModule):
     """What every mdeq LightningModule shares: backbone, DEQ recipes, optimiser, logging of
     solver statistics, resumable random state."""
@@ -101,6 +115,7 @@ class DEQLightningModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         self.backbone = build_backbone(backbone, backbone_kwargs, pretrained, init_weights)
+        self.started_from = weights_origin(backbone, pretrained, init_weights)
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.scheduler_name, self.warmup_steps, self.min_lr_ratio = scheduler, warmup_steps, min_lr_ratio
         if scheduler not in SCHEDULERS:
@@ -222,10 +237,14 @@ class DEQLightningModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mdeq_rng_state"] = capture_rng_state()
+        if self.started_from is not None:
+            checkpoint["mdeq_started_from"] = self.started_from
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "mdeq_rng_state" in checkpoint:
             restore_rng_state(checkpoint["mdeq_rng_state"])
+        if "mdeq_started_from" in checkpoint:  # what the run first started from, not today's file
+            self.started_from = checkpoint["mdeq_started_from"]
 
 
 class ClassificationModule(DEQLightningModule):

@@ -153,8 +153,11 @@ def export_checkpoint(
     if not isinstance(arch, str):
         raise ValueError(f"{checkpoint} was not trained with a zoo backbone name (got {arch!r}); cannot export")
     # A run that started from a zoo model's weights names that model (e.g. mdeq_tiny_cifar10);
-    # the card names its architecture (mdeq_tiny) and records where training started.
-    started_from = {"zoo_weights": arch} if hp.get("pretrained") else {"init_weights": hp["init_weights"]} if hp.get("init_weights") else {}
+    # the card names its architecture (mdeq_tiny) and records where training started (with the
+    # SHA-256 of those weights, kept in checkpoints written since it was recorded).
+    started_from = ckpt.get("mdeq_started_from") or (
+        {"zoo_weights": arch} if hp.get("pretrained") else {"init_weights": hp["init_weights"]} if hp.get("init_weights") else {}
+    )
     base = zoo.entry(arch)
     arch = base.architecture.__name__
     arch_kwargs = {**base.kwargs, **dict(hp.get("backbone_kwargs") or {})}

@@ -132,13 +132,16 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
 
     registry.register_pretrained("digits_alias_for_test", zoo.entry("mdeq_digits").architecture, "digits", "none.safetensors")
     try:
-        for started in ({"pretrained": True}, {"init_weights": "runs/first.ckpt"}):
+        recorded = {"init_weights": "first.ckpt", "sha256": "ab" * 32}  # what the module saves since it records it
+        for started, kept in (({"pretrained": True}, None), ({"init_weights": "runs/first.ckpt"}, None), ({"init_weights": "first.ckpt"}, recorded)):
             whole = torch.load(ckpt[0], map_location="cpu", weights_only=True)
             whole["hyper_parameters"].update(backbone="digits_alias_for_test", **started)
+            if kept is not None:
+                whole["mdeq_started_from"] = kept
             torch.save(whole, tmp_path / "continued.ckpt")
             again = export_checkpoint(str(tmp_path / "continued.ckpt"), "continued", "digits", "c.yaml", str(out))
             assert again["architecture"] == "mdeq_digits" and again["architecture_kwargs"]["channels"] == [8, 8]
-            expected = {"zoo_weights": "digits_alias_for_test"} if "pretrained" in started else started
+            expected = kept or ({"zoo_weights": "digits_alias_for_test"} if "pretrained" in started else started)
             assert again["training"]["started_from"] == expected
     finally:
         del registry._MODELS["digits_alias_for_test"]

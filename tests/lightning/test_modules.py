@@ -96,7 +96,8 @@ def test_module_can_start_from_shipped_weights():
 def test_module_can_start_from_its_own_checkpoint_or_a_weights_file(tmp_path):
     """init_weights: a Lightning checkpoint (its backbone tensors) or a safetensors file; the
     weights load, the step count and optimiser do not."""
-    from zoo import save_weights
+    import zoo
+    from zoo import save_weights, sha256_of
     from zoo.weights import WeightsError
 
     pl.seed_everything(0)
@@ -115,12 +116,26 @@ def test_module_can_start_from_its_own_checkpoint_or_a_weights_file(tmp_path):
             save_weights(first.backbone, source)
         second = ClassificationModule(**small_mdeq(init_weights=str(source)))
         assert second.backbone.training, "handed to the trainer in training mode"
+        assert second.started_from == {"init_weights": str(source), "sha256": sha256_of(source)}
         second.eval()
         with torch.no_grad():
             torch.testing.assert_close(second(x), expected, msg=str(source))
     fresh = ClassificationModule(**small_mdeq())
+    assert fresh.started_from is None and first.started_from is None
     with torch.no_grad():
         assert not torch.allclose(fresh.eval()(x), expected)
+    # the origin travels in the run's checkpoints and wins over whatever the file holds later
+    t = trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    t.fit(second, datamodule=SyntheticDataModule(batch_size=16))
+    t.save_checkpoint(tmp_path / "second.ckpt")
+    saved = torch.load(tmp_path / "second.ckpt", map_location="cpu", weights_only=True)["mdeq_started_from"]
+    assert saved == {"init_weights": str(source), "sha256": sha256_of(source)}
+    save_weights(fresh.backbone, source)  # the starting file is replaced afterwards
+    resumed = ClassificationModule(**small_mdeq(init_weights=str(source)))
+    assert resumed.started_from["sha256"] != saved["sha256"]
+    resumed.on_load_checkpoint(torch.load(tmp_path / "second.ckpt", map_location="cpu", weights_only=True))
+    assert resumed.started_from == saved
+    assert ClassificationModule(backbone="mdeq_digits", pretrained=True).started_from == {"zoo_weights": "mdeq_digits", "sha256": zoo.card("mdeq_digits")["sha256"]}
 
     with pytest.raises(WeightsError, match=r"init_weights .*first.ckpt does not fit .*shape mismatch"):
         ClassificationModule(backbone="mdeq_digits", backbone_kwargs=dict(small_mdeq()["backbone_kwargs"], channels=[8, 12]), init_weights=str(ckpt))
