@@ -50,6 +50,15 @@ def build_backbone(
     return zoo.create(backbone, **kwargs).train()
 
 
+def backbone_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's tensors from a module's state dict (keys ``backbone.*``, prefix dropped);
+    a mapping without that prefix is taken to be a backbone's own state dict already."""
+    prefix = "backbone."
+    if not any(k.startswith(prefix) for k in tensors):
+        return dict(tensors)
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_backbone_weights(model: nn.Module, path: str) -> nn.Module:
     """Start ``model`` from the weights in ``path``: a Lightning checkpoint of an mdeq module (its
     ``backbone.`` tensors), a zoo ``.safetensors`` file or a plain state dict. Read without running
@@ -57,10 +66,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> nn.Module:
     weights load: optimiser, schedule and step count start fresh (resuming is ``--ckpt_path``)."""
     from zoo.weights import check_compatible, read_tensors
 
-    tensors = read_tensors(path)
-    prefix = "backbone."
-    if any(k.startswith(prefix) for k in tensors):
-        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    tensors = backbone_state(read_tensors(path))
     check_compatible(model, tensors, f"init_weights {path}")
     model.load_state_dict(tensors, strict=True)
     return model

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from mdeq.lightning.classification import ClassificationModule
+from mdeq.lightning.classification import ClassificationModule, backbone_state
 from mdeq.lightning.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
 from mdeq.lightning.data.base import ClassificationDataModule
 from mdeq.lightning.equilibrium_check import equilibrium_check
@@ -165,9 +165,7 @@ def export_checkpoint(
     check_solver_settings(solver_settings or {})
     arch_kwargs.update(solver_settings or {})
     model = zoo.create(arch, **arch_kwargs)
-    prefix = "backbone."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(backbone_state(ckpt["state_dict"]), strict=True)
     model.eval()
     metrics = evaluate(model, task, root)
     sliced = evaluate(model, task, root, limit_test=TEST_SLICE) if task != "digits" else None

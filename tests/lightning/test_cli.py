@@ -132,7 +132,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
 
     registry.register_pretrained("digits_alias_for_test", zoo.entry("mdeq_digits").architecture, "digits", "none.safetensors")
     try:
-        recorded = {"init_weights": "first.ckpt", "sha256": "ab" * 32}  # what the module saves since it records it
+        recorded = {"init_weights": "first.ckpt", "sha256": "ab" * 32}  # kept in the checkpoint by the module: wins over hparams
         for started, kept in (({"pretrained": True}, None), ({"init_weights": "runs/first.ckpt"}, None), ({"init_weights": "first.ckpt"}, recorded)):
             whole = torch.load(ckpt[0], map_location="cpu", weights_only=True)
             whole["hyper_parameters"].update(backbone="digits_alias_for_test", **started)
