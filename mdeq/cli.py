@@ -56,10 +56,15 @@ def _lightning_cli(argv: list[str]) -> None:
         on every restart, so ``--ckpt_path last`` resumes); after ``fit``: test the best checkpoint (when the
         data has a test split) and print accuracy and solver statistics."""
 
+        def before_instantiate_classes(self) -> None:
+            self.dropped_init_weights = drop_missing_init_weights(self.config, self.subcommand)
+
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             use_atomic_checkpoints(trainer)
             use_stable_checkpoint_dirs(trainer)
+            if self.dropped_init_weights is not None:
+                require_resume_checkpoint(trainer, self.config[self.subcommand].get("ckpt_path"), self.dropped_init_weights)
             return trainer
 
         def after_fit(self) -> None:
@@ -91,6 +96,43 @@ def _lightning_cli(argv: list[str]) -> None:
             teardown = getattr(wandb, "teardown", None)
             if teardown is not None:
                 teardown()  # waits for the wandb service to write the run: complete on disk on return
+
+
+def drop_missing_init_weights(config: Any, subcommand: str | None) -> str | None:
+    """When a run resumes from a checkpoint (``--ckpt_path``) and the module's ``init_weights`` file
+    no longer exists, drop it from the config: the checkpoint restores every weight (and the
+    recorded start), so the file that began the run is not needed to continue it. Returns the
+    dropped path (None when nothing was dropped). A missing file with nothing to resume from is
+    an error, raised here as one clear line rather than from inside the config parser."""
+    cfg = config[subcommand] if subcommand else config
+    ckpt_path, init_args = cfg.get("ckpt_path"), cfg.get("model.init_args")
+    path = init_args.get("init_weights") if init_args is not None else None
+    if path is None or Path(path).exists():
+        return None
+    if not (ckpt_path == "last" or (ckpt_path is not None and Path(str(ckpt_path)).is_file())):
+        from zoo.weights import WeightsError
+
+        raise WeightsError(f"init_weights file not found: {path} (model.init_args.init_weights)")
+    init_args["init_weights"] = None
+    print(f"mdeq: init_weights {path} is gone; the checkpoint (--ckpt_path {ckpt_path}) holds all the weights", file=sys.stderr)
+    return str(path)
+
+
+def require_resume_checkpoint(trainer: Any, ckpt_path: str | None, init_weights: str) -> None:
+    """After :func:`drop_missing_init_weights`: the checkpoint must really be there, or the run
+    would silently start from random weights (Lightning only warns when ``last`` finds nothing)."""
+    if ckpt_path != "last":
+        return  # an existing file (checked when dropping)
+    candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:  # Lightning would only warn and train from random weights
+        from zoo.weights import WeightsError
+
+        where = ", ".join(str(c) for c in candidates) or "no checkpoint folder"
+        raise WeightsError(
+            f"init_weights file not found: {init_weights}, and there is no checkpoint to resume from "
+            f"(--ckpt_path last: looked for {where}); restore the weights file or give an existing checkpoint"
+        )
 
 
 def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:

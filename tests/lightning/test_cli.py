@@ -153,3 +153,42 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
 
     with pytest.raises(ValueError, match=r"unknown solver setting\(s\) \['lr'\]"):
         export_checkpoint(ckpt[0], "x", "digits", "c.yaml", str(out), solver_settings={"lr": 1.0})
+
+
+def test_resume_needs_no_init_weights_file_but_never_falls_back_to_random_weights(tmp_path, capsys):
+    """A run started from ``init_weights`` resumes with ``--ckpt_path last`` after that file is
+    gone (the checkpoint holds every weight and the recorded start); with no checkpoint either,
+    it is an error, not a silent start from random weights."""
+    import json
+
+    import torch
+
+    from zoo import create, save_weights, sha256_of
+
+    small = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}
+    start = tmp_path / "start.safetensors"
+    save_weights(create("mdeq_digits", **small), start)
+    digest = sha256_of(start)
+
+    def fit(root: str, *extra: str) -> int:
+        return main([
+            "fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.logger", "false",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", root, "--model.init_args.backbone_kwargs", json.dumps(small),
+            "--model.init_args.init_weights", str(start), *extra,
+        ])
+
+    assert fit("first", "--trainer.max_epochs", "1") == 0
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["mdeq_started_from"] == {"init_weights": str(start), "sha256": digest}
+    start.unlink()
+    capsys.readouterr()
+    assert fit("first", "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    assert f"init_weights {start} is gone" in capsys.readouterr().err
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["mdeq_started_from"] == {"init_weights": str(start), "sha256": digest}
+    # nothing to resume from: the missing start file is an error, with or without --ckpt_path last
+    assert fit("other", "--trainer.max_epochs", "1", "--ckpt_path", "last") == 2
+    assert "there is no checkpoint to resume from" in capsys.readouterr().err
+    assert fit("other", "--trainer.max_epochs", "1") == 2
+    assert "init_weights file not found" in capsys.readouterr().err
