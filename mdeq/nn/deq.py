@@ -288,7 +288,8 @@ class DEQ(nn.Module):
 
         ``z0`` overrides the initial guess (warm start). ``unroll=N`` skips the solver and
         backpropagates through N weight-tied applications of f instead (MDEQ's "pretraining"
-        phase); the solution still reports the residual reached.
+        phase); the solution still reports the residual reached and, against the layer's own
+        ``tol``, which samples it brings within tolerance.
         """
         f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0)
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
@@ -324,6 +325,10 @@ class DEQ(nn.Module):
             skip_loss = (z0_flat - result.forward.z.detach()).pow(2).mean()
         z_star = packer.unpack(result.output)
         fwd = result.forward
+        converged = fwd.converged
+        if unroll is not None:  # ran exactly N steps (tol 0); report against the layer's own tol
+            tol = self.tol
+            converged = ((fwd.rel_residual if self.stop_mode == "rel" else fwd.abs_residual) <= tol) & ~fwd.diverged
         solution = DEQSolution(
             z_star=z_star,
             z0=z0,
@@ -331,7 +336,7 @@ class DEQ(nn.Module):
             abs_residual=fwd.abs_residual,
             nfe=fwd.nfe,
             nsteps=fwd.nsteps,
-            converged=fwd.converged,
+            converged=converged,
             diverged=fwd.diverged,
             solver=solver.name if unroll is None else f"unrolled({unroll})",
             tol=tol,
