@@ -109,7 +109,7 @@ def test_guard_warns_once_when_samples_come_near_but_never_reach_tol():
     from mdeq.core.errors import ConvergenceWarning
 
     guard = ConvergenceGuard(window=5, budget_window=20)
-    near_only = SimpleNamespace(residual=torch.full((8,), 0.05), tol=0.02, converged=torch.zeros(8, dtype=torch.bool),
+    near_only = SimpleNamespace(solver="anderson", residual=torch.full((8,), 0.05), tol=0.02, converged=torch.zeros(8, dtype=torch.bool),
                                 diverged=torch.zeros(8, dtype=torch.bool), nfe=15)
     module = SimpleNamespace(_last_solution=near_only)
     trainer = SimpleNamespace(global_step=0, should_stop=False)
@@ -145,7 +145,7 @@ def test_guard_raises_the_jacobian_weight_while_samples_do_not_reach_tol():
     from mdeq.lightning.recipes import JacobianSchedule
 
     guard = ConvergenceGuard(window=5, budget_window=10, budget_actions=("warn", "increase_jacobian"), max_jacobian_weight=2.0)
-    near_only = SimpleNamespace(residual=torch.full((8,), 0.05), tol=0.02, converged=torch.zeros(8, dtype=torch.bool),
+    near_only = SimpleNamespace(solver="anderson", residual=torch.full((8,), 0.05), tol=0.02, converged=torch.zeros(8, dtype=torch.bool),
                                 diverged=torch.zeros(8, dtype=torch.bool), nfe=15)
     module = SimpleNamespace(_last_solution=near_only, jacobian=JacobianSchedule(0.5, 0.3, 0.0, 100, 0))
     trainer = SimpleNamespace(global_step=0, should_stop=False)
