@@ -114,16 +114,16 @@ def drop_missing_init_weights(config: Any, subcommand: str | None) -> str | None
 
         raise WeightsError(f"init_weights file not found: {path} (model.init_args.init_weights)")
     init_args["init_weights"] = None
-    print(f"mdeq: init_weights {path} is gone; the checkpoint (--ckpt_path {ckpt_path}) holds all the weights", file=sys.stderr)
     return str(path)
 
 
 def require_resume_checkpoint(trainer: Any, ckpt_path: str | None, init_weights: str) -> None:
     """After :func:`drop_missing_init_weights`: the checkpoint must really be there, or the run
     would silently start from random weights (Lightning only warns when ``last`` finds nothing)."""
-    if ckpt_path != "last":
-        return  # an existing file (checked when dropping)
-    candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    if ckpt_path == "last":
+        candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    else:
+        candidates = [Path(str(ckpt_path))]  # an existing file (checked when dropping)
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:  # Lightning would only warn and train from random weights
         from zoo.weights import WeightsError
@@ -133,6 +133,7 @@ def require_resume_checkpoint(trainer: Any, ckpt_path: str | None, init_weights:
             f"init_weights file not found: {init_weights}, and there is no checkpoint to resume from "
             f"(--ckpt_path last: looked for {where}); restore the weights file or give an existing checkpoint"
         )
+    print(f"mdeq: init_weights {init_weights} is gone; resuming from {found}, which holds all the weights", file=sys.stderr)
 
 
 def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:

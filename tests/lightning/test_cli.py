@@ -184,11 +184,12 @@ def test_resume_needs_no_init_weights_file_but_never_falls_back_to_random_weight
     start.unlink()
     capsys.readouterr()
     assert fit("first", "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
-    assert f"init_weights {start} is gone" in capsys.readouterr().err
+    assert f"init_weights {start} is gone; resuming from {last}" in capsys.readouterr().err
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 1 and resumed["mdeq_started_from"] == {"init_weights": str(start), "sha256": digest}
     # nothing to resume from: the missing start file is an error, with or without --ckpt_path last
     assert fit("other", "--trainer.max_epochs", "1", "--ckpt_path", "last") == 2
-    assert "there is no checkpoint to resume from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "there is no checkpoint to resume from" in err and "is gone; resuming" not in err
     assert fit("other", "--trainer.max_epochs", "1") == 2
     assert "init_weights file not found" in capsys.readouterr().err

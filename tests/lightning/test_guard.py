@@ -181,7 +181,8 @@ class UnrollableBackbone(Backbone):
 
 def test_guard_ignores_the_unrolled_warm_up():
     """pretrain_steps run N plain iterations, not a solve to tol: samples short of tol there are
-    not a lost equilibrium, and not a budget miss. Before, the guard stopped such runs at the end of its third window."""
+    not a lost equilibrium, and not a budget miss. Before, the guard stopped such runs at the end
+    of its third window."""
     pl.seed_everything(0, verbose=False)
     guard = ConvergenceGuard(window=5, budget_window=5, budget_actions=("warn", "increase_jacobian"))
     module = ClassificationModule(backbone=UnrollableBackbone(solver="anderson"), lr=1e-3, scheduler="constant", pretrain_steps=25, pretrain_unroll=3)
