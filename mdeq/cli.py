@@ -133,7 +133,8 @@ def require_resume_checkpoint(trainer: Any, ckpt_path: str | None, init_weights:
             f"init_weights file not found: {init_weights}, and there is no checkpoint to resume from "
             f"(--ckpt_path last: looked for {where}); restore the weights file or give an existing checkpoint"
         )
-    print(f"mdeq: init_weights {init_weights} is gone; resuming from {found}, which holds all the weights", file=sys.stderr)
+    if trainer.is_global_zero:  # once per run, not once per DDP process
+        print(f"mdeq: init_weights {init_weights} is gone; resuming from {found}, which holds all the weights", file=sys.stderr)
 
 
 def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:

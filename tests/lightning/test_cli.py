@@ -155,6 +155,21 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
         export_checkpoint(ckpt[0], "x", "digits", "c.yaml", str(out), solver_settings={"lr": 1.0})
 
 
+def test_resume_message_is_printed_by_global_rank_zero_only(tmp_path, capsys):
+    """Under DDP every process checks the resume checkpoint; only rank 0 says the start file is gone."""
+    from types import SimpleNamespace
+
+    from mdeq.cli import require_resume_checkpoint
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"")
+    cb = SimpleNamespace(dirpath=str(tmp_path), CHECKPOINT_NAME_LAST="last", FILE_EXTENSION=".ckpt")
+    for is_global_zero, printed in ((True, True), (False, False)):
+        trainer = SimpleNamespace(checkpoint_callbacks=[cb], is_global_zero=is_global_zero)
+        require_resume_checkpoint(trainer, "last", "start.safetensors")
+        assert ("init_weights start.safetensors is gone" in capsys.readouterr().err) is printed
+
+
 def test_resume_needs_no_init_weights_file_but_never_falls_back_to_random_weights(tmp_path, capsys):
     """A run started from ``init_weights`` resumes with ``--ckpt_path last`` after that file is
     gone (the checkpoint holds every weight and the recorded start); with no checkpoint either,
