@@ -34,3 +34,8 @@ class AutoWandbLogger(WandbLogger):
         os.environ.setdefault("WANDB_CONSOLE", "off")
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+        # Lightning always passes ``anonymous`` to ``wandb.init`` (None unless asked for), and
+        # recent wandb (0.31 here) warns that the setting has no effect whenever the key is present.
+        init_kwargs = getattr(self, "_wandb_init", None)
+        if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous") is None:
+            init_kwargs.pop("anonymous", None)

@@ -69,13 +69,14 @@ def test_yaml_typo_is_an_error_not_ignored(tmp_path):
     assert "learning_rate" in proc.stderr
 
 
-def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
+def test_offline_wandb_run_holds_the_logged_metrics(tmp_path, capfd):
     args = [
         "fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"),
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3",
         "--trainer.log_every_n_steps", "1", "--model.init_args.backbone_kwargs", '{"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}',
     ]
     assert main(args) == 0
+    assert "anonymous setting has no effect" not in capfd.readouterr().err  # no spurious wandb warning
     runs = glob.glob("runs/digits/mdeq_digits/wandb/offline-run-*/run-*.wandb")
     assert len(runs) == 1, runs
     data = Path(runs[0]).read_bytes()
