@@ -53,7 +53,7 @@ def test_card_is_complete_and_matches_the_file(name):
 # and mdeq_tiny 80.2%; the tutorial's 81.6% and the paper's 87.1% are the goals for GPU-trained weights).
 TARGETS = {
     "mdeq_digits": 0.98, "mdeq_mnist": 0.994, "mdeq_fashion_mnist": 0.915, "deq_mlp_mnist": 0.97,
-    "conv_deq_small_cifar10": 0.75, "mdeq_tiny_cifar10": 0.80,
+    "conv_deq_small_cifar10": 0.75, "mdeq_tiny_cifar10": 0.81,
 }
 DATA = Path(os.environ.get("MDEQ_DATA", REPO.parent / "shared" / "data"))
 
