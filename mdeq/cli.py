@@ -50,10 +50,12 @@ def _lightning_cli(argv: list[str]) -> None:
 
     from mdeq.lightning.checkpoint_io import use_atomic_checkpoints, use_stable_checkpoint_dirs
     from mdeq.lightning.classification import DEQLightningModule
+    from mdeq.lightning.precision import check_cpu_precision
 
     class MDEQCLI(LightningCLI):
         """Checkpoints are written atomically into ``<default_root_dir>/checkpoints`` (the same folder
-        on every restart, so ``--ckpt_path last`` resumes); after ``fit``: test the best checkpoint (when the
+        on every restart, so ``--ckpt_path last`` resumes); a low precision this CPU only emulates
+        is warned about (:mod:`mdeq.lightning.precision`); after ``fit``: test the best checkpoint (when the
         data has a test split) and print accuracy and solver statistics."""
 
         def before_instantiate_classes(self) -> None:
@@ -63,6 +65,7 @@ def _lightning_cli(argv: list[str]) -> None:
             trainer = super().instantiate_trainer(**kwargs)
             use_atomic_checkpoints(trainer)
             use_stable_checkpoint_dirs(trainer)
+            check_cpu_precision(trainer)
             if self.dropped_init_weights is not None:
                 require_resume_checkpoint(trainer, self.config[self.subcommand].get("ckpt_path"), self.dropped_init_weights)
             return trainer
