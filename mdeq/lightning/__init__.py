@@ -16,6 +16,7 @@ from mdeq.lightning.data import (
     SyntheticDataModule,
 )
 from mdeq.lightning.loggers import AutoWandbLogger, wandb_key_available
+from mdeq.lightning.precision import SlowPrecisionWarning
 from mdeq.lightning.regression import RegressionModule
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "MNISTDataModule",
     "RegressionModule",
     "ResidualPlotCallback",
+    "SlowPrecisionWarning",
     "SyntheticDataModule",
     "build_backbone",
     "residual_figure",
