@@ -10,7 +10,7 @@ it (AVX2 only) oneDNN emulates the low-precision convolutions and the same step 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,10 +23,9 @@ class SlowPrecisionWarning(UserWarning):
 
 def _low_precision_dtype(precision: str) -> torch.dtype | None:
     """The reduced dtype a Lightning precision string computes in (``None`` for 32/64-bit)."""
-    p = str(precision)
-    if p.startswith("bf16"):
+    if precision.startswith("bf16"):
         return torch.bfloat16
-    if p.startswith("16") or p == "half":
+    if precision.startswith("16"):
         return torch.float16
     return None
 
@@ -34,16 +33,14 @@ def _low_precision_dtype(precision: str) -> torch.dtype | None:
 def cpu_supports_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU has native ``dtype`` arithmetic for oneDNN's convolutions and matmuls
     (AVX-512 BF16/FP16 or AMX); ``False`` means torch emulates it in software."""
-    probe: dict[torch.dtype, Callable[[], bool]] = {
-        torch.bfloat16: lambda: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        torch.float16: lambda: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
-    }
-    if dtype not in probe:
-        return True
     try:
-        return probe[dtype]()
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):  # a torch without the probe: do not guess "slow"
-        return True
+        pass
+    return True
 
 
 def slow_cpu_precision_message(precision: str, on_cpu: bool, native: bool | None = None) -> str | None:

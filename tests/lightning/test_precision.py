@@ -52,7 +52,7 @@ def _trainer(name: str) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", precision=name, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def test_trainer_check_warns_once_per_run_on_global_zero_only(monkeypatch):
+def test_trainer_check_warns_on_global_zero_only(monkeypatch):
     monkeypatch.setattr(precision, "cpu_supports_natively", lambda dtype: False)
     trainer = _trainer("bf16-mixed")
     with pytest.warns(SlowPrecisionWarning, match="bf16-mixed"):
