@@ -18,6 +18,7 @@ from mdeq.lightning.data import (
 from mdeq.lightning.loggers import AutoWandbLogger, wandb_key_available
 from mdeq.lightning.precision import SlowPrecisionWarning
 from mdeq.lightning.regression import RegressionModule
+from mdeq.lightning.weight_ema import WeightEMA
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -39,5 +40,6 @@ __all__ = [
     "SyntheticDataModule",
     "build_backbone",
     "residual_figure",
+    "WeightEMA",
     "wandb_key_available",
 ]
