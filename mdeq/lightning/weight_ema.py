@@ -25,14 +25,15 @@ class WeightEMA(EMAWeightAveraging):
 
     The first update copies the weights (there is no bias correction), so the average starts at
     the weights training starts from: right for fine-tuning or a warm restart, and for training
-    from scratch start it late (``update_starting_at_step``)."""
+    from scratch start it late (``update_starting_at_step``). There is no epoch-based start:
+    Lightning's ``update_starting_at_epoch`` adds end-of-epoch updates but does not hold back the
+    per-step ones, which is not what its name says."""
 
     def __init__(
         self,
         decay: float = 0.999,
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
-        update_starting_at_epoch: int | None = None,
         device: str | None = None,
         use_buffers: bool = True,
     ) -> None:
@@ -40,16 +41,14 @@ class WeightEMA(EMAWeightAveraging):
             raise ValueError(f"WeightEMA decay must lie in (0, 1), got {decay}")
         if update_every_n_steps < 1:
             raise ValueError(f"WeightEMA update_every_n_steps must be >= 1, got {update_every_n_steps}")
-        for what, value in (("update_starting_at_step", update_starting_at_step), ("update_starting_at_epoch", update_starting_at_epoch)):
-            if value is not None and value < 0:
-                raise ValueError(f"WeightEMA {what} must be >= 0, got {value}")
+        if update_starting_at_step is not None and update_starting_at_step < 0:
+            raise ValueError(f"WeightEMA update_starting_at_step must be >= 0, got {update_starting_at_step}")
         super().__init__(
             device=device,
             use_buffers=use_buffers,
             decay=decay,
             update_every_n_steps=update_every_n_steps,
             update_starting_at_step=update_starting_at_step,
-            update_starting_at_epoch=update_starting_at_epoch,
         )
         self.decay = decay
 
