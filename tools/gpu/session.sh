@@ -53,6 +53,8 @@ case "${1:-}" in
       [ -n "$best" ] && cp "$best" "$OUT/$name-$(basename "$best")"
       last=$(find "$dir" -name 'last.ckpt' | head -1)
       [ -n "$last" ] && cp "$last" "$OUT/$name-last.ckpt"
+      final=$(find "$dir" -name 'final-*.ckpt' | sort | tail -1)   # the CPU configs' end-of-epoch weights
+      [ -n "$final" ] && cp "$final" "$OUT/$name-$(basename "$final")"
       metrics=$(find "$dir" -name metrics.csv | head -1)
       [ -n "$metrics" ] && cp "$metrics" "$OUT/$name-metrics.csv"
       [ -f "$RUNS/$name.log" ] && tr '\r' '\n' < "$RUNS/$name.log" | tail -200 > "$OUT/$name.log"
