@@ -10,13 +10,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mdeq.lightning import ClassificationModule, SyntheticDataModule, WeightEMA
+from tests.lightning.test_modules import small_mdeq
 
 DECAY = 0.6
 
 
 def small_module() -> ClassificationModule:
-    args = dict(channels=[8, 8], expansion=2, num_groups=4, head_channels=[2, 4], final_channels=16)
-    return ClassificationModule(backbone="mdeq_digits", backbone_kwargs=args, lr=3e-2, scheduler="constant", train_max_steps=8, eval_max_steps=8)
+    return ClassificationModule(**small_mdeq(lr=3e-2, scheduler="constant", train_max_steps=8, eval_max_steps=8))
 
 
 def trainer(root, callbacks, **kw) -> pl.Trainer:
