@@ -45,118 +45,9 @@ def overview() -> str:
 
 
 def _lightning_cli(argv: list[str]) -> None:
-    import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+    from mdeq.lightning.cli import run_lightning_cli
 
-    from mdeq.lightning.checkpoint_io import use_atomic_checkpoints, use_stable_checkpoint_dirs
-    from mdeq.lightning.classification import DEQLightningModule
-    from mdeq.lightning.precision import check_cpu_precision
-
-    class MDEQCLI(LightningCLI):
-        """Checkpoints are written atomically into ``<default_root_dir>/checkpoints`` (the same folder
-        on every restart, so ``--ckpt_path last`` resumes); a low precision this CPU only emulates
-        is warned about (:mod:`mdeq.lightning.precision`); after ``fit``: test the best checkpoint (when the
-        data has a test split) and print accuracy and solver statistics."""
-
-        def before_instantiate_classes(self) -> None:
-            self.dropped_init_weights = drop_missing_init_weights(self.config, self.subcommand)
-
-        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-            trainer = super().instantiate_trainer(**kwargs)
-            use_atomic_checkpoints(trainer)
-            use_stable_checkpoint_dirs(trainer)
-            check_cpu_precision(trainer)
-            if self.dropped_init_weights is not None:
-                require_resume_checkpoint(trainer, self.config[self.subcommand].get("ckpt_path"), self.dropped_init_weights)
-            return trainer
-
-        def after_fit(self) -> None:
-            if self.trainer.interrupted or getattr(self.trainer, "fast_dev_run", False):
-                return
-            dm = self.datamodule
-            if dm is None or type(dm).test_dataloader is pl.LightningDataModule.test_dataloader:
-                return
-            ckpt = self.trainer.checkpoint_callback
-            best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-            results = self.trainer.test(self.model, datamodule=dm, ckpt_path=best or None, verbose=False)
-            if results and self.trainer.is_global_zero:
-                print(summary_line(results[0], best))
-
-    try:
-        MDEQCLI(
-            DEQLightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=None if argv == sys.argv[1:] else argv,  # (both given: Lightning warns)
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
-    finally:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()
-            teardown = getattr(wandb, "teardown", None)
-            if teardown is not None:
-                teardown()  # waits for the wandb service to write the run: complete on disk on return
-
-
-def drop_missing_init_weights(config: Any, subcommand: str | None) -> str | None:
-    """When a run resumes from a checkpoint (``--ckpt_path``) and the module's ``init_weights`` file
-    no longer exists, drop it from the config: the checkpoint restores every weight (and the
-    recorded start), so the file that began the run is not needed to continue it. Returns the
-    dropped path (None when nothing was dropped). A missing file with nothing to resume from is
-    an error, raised here as one clear line rather than from inside the config parser."""
-    cfg = config[subcommand] if subcommand else config
-    ckpt_path, init_args = cfg.get("ckpt_path"), cfg.get("model.init_args")
-    path = init_args.get("init_weights") if init_args is not None else None
-    if path is None or Path(path).exists():
-        return None
-    if not (ckpt_path == "last" or (ckpt_path is not None and Path(str(ckpt_path)).is_file())):
-        from zoo.weights import WeightsError
-
-        raise WeightsError(f"init_weights file not found: {path} (model.init_args.init_weights)")
-    init_args["init_weights"] = None
-    return str(path)
-
-
-def require_resume_checkpoint(trainer: Any, ckpt_path: str | None, init_weights: str) -> None:
-    """After :func:`drop_missing_init_weights`: the checkpoint must really be there, or the run
-    would silently start from random weights (Lightning only warns when ``last`` finds nothing)."""
-    if ckpt_path == "last":
-        candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" for cb in trainer.checkpoint_callbacks if cb.dirpath]
-    else:
-        candidates = [Path(str(ckpt_path))]  # an existing file (checked when dropping)
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:  # Lightning would only warn and train from random weights
-        from zoo.weights import WeightsError
-
-        where = ", ".join(str(c) for c in candidates) or "no checkpoint folder"
-        raise WeightsError(
-            f"init_weights file not found: {init_weights}, and there is no checkpoint to resume from "
-            f"(--ckpt_path last: looked for {where}); restore the weights file or give an existing checkpoint"
-        )
-    if trainer.is_global_zero:  # once per run, not once per DDP process
-        print(f"mdeq: init_weights {init_weights} is gone; resuming from {found}, which holds all the weights", file=sys.stderr)
-
-
-def summary_line(metrics: dict[str, float], ckpt: str = "") -> str:
-    """One readable line of test results and solver statistics."""
-    parts = []
-    if "test/acc" in metrics:
-        parts.append(f"test accuracy {metrics['test/acc']:.2%}")
-    if "test/top5" in metrics:
-        parts.append(f"top-5 {metrics['test/top5']:.2%}")
-    if "test/mae" in metrics:
-        parts.append(f"test MAE {metrics['test/mae']:.4f}")
-    parts.append(
-        f"forward f-evals {metrics.get('test/nfe', float('nan')):.1f}, rel. residual mean "
-        f"{metrics.get('test/residual_mean', float('nan')):.2e} max {metrics.get('test/residual_max', float('nan')):.2e}, "
-        f"converged {metrics.get('test/converged_fraction', float('nan')):.1%}"
-    )
-    if ckpt:
-        parts.append(f"checkpoint {ckpt}")
-    return "RESULT: " + "; ".join(parts)
+    run_lightning_cli(None if argv == sys.argv[1:] else argv)  # (both given: Lightning warns)
 
 
 def _input_shape(model: object) -> tuple[int, ...]:
@@ -237,6 +128,7 @@ def test_zoo_model(argv: list[str]) -> int:
     import argparse
 
     import zoo
+    from mdeq.lightning.cli import summary_line
     from mdeq.lightning.zoo_tools import TASKS, evaluate
 
     p = argparse.ArgumentParser(prog="mdeq test --model", description="evaluate a zoo model's shipped weights")

@@ -28,9 +28,12 @@ class ResidualPlotCallback(pl.Callback):
             self._batch = batch
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batch is None or trainer.sanity_checking or not trainer.is_global_zero:
+        if self._batch is None or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        if trainer.current_epoch % self.every_n_epochs:
+        # Every process asks for the folder: ``trainer.log_dir`` broadcasts from rank 0, a
+        # collective that would wait forever if only rank 0 called it (DDP hang).
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "residual_traces"
+        if not trainer.is_global_zero:
             return
         x = self._batch[0] if isinstance(self._batch, (tuple, list)) else self._batch
         solution = self.traced_solution(pl_module, x[: self.max_samples])
@@ -38,7 +41,7 @@ class ResidualPlotCallback(pl.Callback):
             return
         bw = solution.backward.trace if solution.backward is not None else None
         fig = residual_figure(solution.trace, bw, title=f"epoch {trainer.current_epoch}")
-        self._emit(trainer, fig)
+        log_figure(fig, trainer.loggers, trainer.global_step, fallback_path=folder / f"epoch{trainer.current_epoch:03d}.png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -61,8 +64,3 @@ class ResidualPlotCallback(pl.Callback):
             for d, s in zip(deqs, saved):
                 d.record_trace = s
         return solution
-
-    @staticmethod
-    def _emit(trainer: pl.Trainer, fig: Any) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "residual_traces"
-        log_figure(fig, trainer.loggers, trainer.global_step, fallback_path=folder / f"epoch{trainer.current_epoch:03d}.png")

@@ -140,7 +140,9 @@ class DEQLightningModule(pl.LightningModule):
         self.deqs = deq_layers(self.backbone)
         if not self.deqs:
             raise ValueError(f"backbone {type(self.backbone).__name__} contains no DEQ layer")
-        self._defaults = {id(d): (d.max_steps, d.tol) for d in self.deqs}
+        # the layers' own budgets, in the order of self.deqs (a list, not keyed by id(): a deep
+        # copy of the module, as EMA and ddp_spawn make, must find its own layers' defaults)
+        self._defaults = [(d.max_steps, d.tol) for d in self.deqs]
         self._own_jacobian = [d.jacobian_regularization for d in self.deqs]
         params = inspect.signature(self.backbone.forward).parameters
         if "return_solution" not in params:
@@ -196,8 +198,9 @@ class DEQLightningModule(pl.LightningModule):
             values[f"{prefix}/jacobian_loss"] = solution.jacobian_loss.detach()
         if solution.skip_loss is not None:
             values[f"{prefix}/skip_loss"] = solution.skip_loss.detach()
-        # evaluation metrics are averaged over processes (epoch-level only: no per-step sync)
-        self.log_dict(values, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
+        # averaged over processes under DDP (training too: its epoch means would otherwise be rank
+        # 0's alone; this costs one small all-reduce per logged value and step, none in 1 process)
+        self.log_dict(values, on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         optimizers = self.trainer.optimizers if self._trainer is not None else []
@@ -284,7 +287,7 @@ class ClassificationModule(DEQLightningModule):
         if f"{split}_top5" in self.metrics:
             self.metrics[f"{split}_top5"](logits.detach(), y)
             metrics[f"{split}/top5"] = self.metrics[f"{split}_top5"]
-        self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
+        self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log_solution(sol, split, len(y))
         return loss, sol
 

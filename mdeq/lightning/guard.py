@@ -94,17 +94,29 @@ class ConvergenceGuard(pl.Callback):
             self._stop(trainer, f"non-finite gradients at step {trainer.global_step}")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Under DDP every decision below is taken from statistics averaged over all processes, so
+        # each process takes the same one (a stop or a new Jacobian weight on one rank alone would
+        # leave the others waiting in the next collective). The phase check is the same on every
+        # rank, so the reduction is called by all of them or by none.
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
-            self._stop(trainer, f"the loss became {float(loss)} at step {trainer.global_step}")
-            return
         sol = getattr(pl_module, "_last_solution", None)
-        if sol is None or not sol.converged.numel() or not sol.tol > 0 or sol.solver.startswith("unrolled"):
-            return  # the unrolled warm-up (pretrain_steps) runs N plain steps, not a solve to tol
-        # Training budgets are deliberately tight (few solver steps), so "not converged to tol" is
-        # normal; losing the equilibrium means residuals far above tol, or divergence.
-        near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
-        near_fraction, reached_fraction = torch.stack([near.float().mean(), sol.converged.float().mean()]).tolist()  # one host read
+        solving = sol is not None and sol.tol > 0 and not sol.solver.startswith("unrolled")
+        # the unrolled warm-up (pretrain_steps) runs N plain steps, not a solve to tol
+        local = torch.zeros(4)  # non-finite loss?, samples near tol, samples within tol, samples
+        local[0] = float(isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()))
+        if solving and sol.converged.numel():
+            # Training budgets are deliberately tight (few solver steps), so "not converged to tol"
+            # is normal; losing the equilibrium means residuals far above tol, or divergence.
+            near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
+            n = sol.converged.numel()
+            local[1:] = torch.stack([near.float().sum(), sol.converged.float().sum(), torch.tensor(float(n))]).cpu()
+        bad_loss, near_total, reached_total, count = self._all_ranks(trainer, local).tolist()  # one host read
+        if bad_loss > 0:
+            self._stop(trainer, f"the loss became non-finite ({float(loss) if isinstance(loss, torch.Tensor) else loss} on this process) at step {trainer.global_step}")
+            return
+        if not solving or count == 0:
+            return
+        near_fraction, reached_fraction = near_total / count, reached_total / count
         self.recent.append(near_fraction)
         self._check_budget(trainer, sol, reached_fraction, pl_module)
         if len(self.recent) < self.window:
@@ -128,6 +140,13 @@ class ConvergenceGuard(pl.Callback):
             self._increase_jacobian(pl_module, what)
         else:
             self._stop(trainer, what)
+
+    @staticmethod
+    def _all_ranks(trainer: pl.Trainer, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (counts) summed over all processes, in one collective; one process: itself."""
+        if getattr(trainer, "world_size", 1) <= 1:  # (one process, or a stand-in trainer)
+            return local
+        return trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
 
     def _increase_jacobian(self, pl_module: pl.LightningModule, what: str) -> None:
         """Multiply the module's Jacobian weight (or start it), up to ``max_jacobian_weight``."""

@@ -31,9 +31,11 @@ class SolverBudget:
     max_steps: int | None = None
     tol: float | None = None
 
-    def apply(self, layers: Iterable[DEQ], defaults: dict[int, tuple[int, float]]) -> None:
-        for layer in layers:
-            max_steps, tol = defaults[id(layer)]
+    def apply(self, layers: list[DEQ], defaults: list[tuple[int, float]]) -> None:
+        """Set each layer's budget; ``defaults[i]`` is layer i's own (max_steps, tol)."""
+        if len(layers) != len(defaults):
+            raise ValueError(f"{len(layers)} DEQ layers but {len(defaults)} default budgets")
+        for layer, (max_steps, tol) in zip(layers, defaults):
             layer.max_steps = self.max_steps if self.max_steps is not None else max_steps
             layer.tol = self.tol if self.tol is not None else tol
 

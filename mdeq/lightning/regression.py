@@ -24,6 +24,6 @@ class RegressionModule(DEQLightningModule):
         mse = F.mse_loss(pred, y)
         loss = self.regularized(mse, sol, split) if split == "train" else mse
         metrics = {f"{split}/loss": loss.detach(), f"{split}/mae": (pred - y).abs().mean().detach()}
-        self.log_dict(metrics, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=split != "train")
+        self.log_dict(metrics, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log_solution(sol, split, len(y))
         return loss, sol

@@ -11,11 +11,8 @@ import pytest
 import yaml
 
 from mdeq.cli import available_configs, main
-from tests.lightning.conftest import REPO, real_data_root
-
-CONFIGS = sorted(str(p) for p in (REPO / "configs").glob("*/*.yaml"))
-NEEDS_DATA = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-
+from tests.lightning.conftest import REPO
+from tests.lightning.shipped_configs import CONFIGS, config_id, runnable
 
 def test_every_task_has_a_config():
     tasks = {Path(c).parent.name for c in CONFIGS}
@@ -23,32 +20,9 @@ def test_every_task_has_a_config():
     assert len(available_configs()) == len(CONFIGS)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{Path(c).parent.name}/{Path(c).stem}")
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_config_runs_one_batch(config, tmp_path):
-    task = Path(config).parent.name
-    cfg = yaml.safe_load(Path(config).read_text())
-    init = cfg["model"]["init_args"]
-    if init.get("init_weights") is not None:  # a later stage: its start is relative to the repo
-        start = REPO / init["init_weights"]
-        if not start.is_file():  # the first stage was not run here: start from fresh weights
-            from zoo import create, save_weights
-
-            start = tmp_path / "stage1.safetensors"
-            save_weights(create(init["backbone"], **init.get("backbone_kwargs", {})), start)
-        init["init_weights"] = str(start)
-        config = str(tmp_path / "with_start.yaml")
-        Path(config).write_text(yaml.safe_dump(cfg))
-    args = ["fit", "--config", config, "--trainer.fast_dev_run", "1", "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
-    if task in NEEDS_DATA:
-        if real_data_root() is not None:
-            args += ["--data.init_args.root", str(real_data_root()), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4"]
-        else:  # no data here: same config with a synthetic DataModule of the same shape
-            cfg["data"] = {"class_path": "mdeq.lightning.SyntheticDataModule", "init_args": {"input_shape": list(NEEDS_DATA[task]), "batch_size": 4}}
-            config = str(tmp_path / "synthetic.yaml")
-            Path(config).write_text(yaml.safe_dump(cfg))
-            args[2] = config
-    if Path(config).stem == "mdeq_large":
-        args += ["--model.init_args.train_max_steps", "3"]
+    args = ["fit", *runnable(config, tmp_path), "--trainer.fast_dev_run", "1", "--trainer.logger", "false"]
     assert main(args) == 0
 
 
@@ -160,7 +134,7 @@ def test_resume_message_is_printed_by_global_rank_zero_only(tmp_path, capsys):
     """Under DDP every process checks the resume checkpoint; only rank 0 says the start file is gone."""
     from types import SimpleNamespace
 
-    from mdeq.cli import require_resume_checkpoint
+    from mdeq.lightning.cli import require_resume_checkpoint
 
     last = tmp_path / "last.ckpt"
     last.write_bytes(b"")

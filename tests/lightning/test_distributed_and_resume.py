@@ -172,3 +172,40 @@ def test_resume_with_the_wandb_logger_finds_last_and_keeps_the_best_score(tmp_pa
     assert (last["epoch"], last["global_step"]) == (1, 6)
     best = next(v for k, v in last["callbacks"].items() if "val/acc" in k)
     assert best["best_model_score"] is not None and len(best["best_k_models"]) == 1
+
+
+SMALL_DIGITS = '{"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}'
+
+
+@pytest.mark.filterwarnings("ignore::mdeq.core.errors.ConvergenceWarning")  # a random-init model at 3/7 steps
+def test_module_and_cli_survive_pickle_and_deepcopy():
+    """What ddp_spawn, EMA and checkpointing copy: the module (with its per-layer solver
+    budgets) and the CLI class (pickled by reference, so it must live at module level)."""
+    import copy
+    import json
+    import pickle
+
+    from mdeq.lightning import ClassificationModule
+    from mdeq.lightning.cli import MDEQCLI
+
+    module = ClassificationModule(backbone="mdeq_digits", backbone_kwargs=json.loads(SMALL_DIGITS), eval_max_steps=7, train_max_steps=3)
+    x = torch.randn(4, 1, 8, 8)
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        for training, steps in ((True, 3), (False, 7)):
+            _, sol = clone.run_backbone(x, training=training)
+            assert all(d.max_steps == steps for d in clone.deqs) and sol.nfe <= steps + 1
+        assert all(a is not b for a, b in zip(clone.deqs, module.deqs))
+    assert pickle.loads(pickle.dumps(MDEQCLI)) is MDEQCLI
+
+
+def test_ddp_spawn_trains_and_tests_the_main_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": "29533"}
+    args = [
+        sys.executable, "-m", "mdeq.cli", "fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.strategy", "ddp_spawn",
+        "--trainer.devices", "2", "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false", "--model.init_args.backbone_kwargs", SMALL_DIGITS,
+    ]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("RESULT: test accuracy") == 1, proc.stdout[-2000:]
+    assert (tmp_path / "runs/digits/mdeq_digits/checkpoints/last.ckpt").is_file()
