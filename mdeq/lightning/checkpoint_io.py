@@ -1,22 +1,81 @@
-"""Checkpoints that survive interruption: writes are atomic on a local disk (a crash mid-write never
-corrupts last.ckpt), and they go to one folder per run directory, not per logger run, so a resumed
-fit finds them."""
+"""Checkpoints that survive interruption and never run code: writes are atomic on a local disk (a
+crash mid-write never corrupts last.ckpt), they go to one folder per run directory, not per logger
+run, so a resumed fit finds them, and every read, local or remote, unpickles plain data only."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import tempfile
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from zoo.weights import WeightsError
+
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class CheckpointRefusedError(WeightsError):
+    """A checkpoint that holds more than tensors and plain data (pickled objects that could run
+    code): refused without unpickling it."""
+
+
+def read_checkpoint(path: Union[str, Path, io.IOBase], map_location: Any = "cpu", weights_only: bool | None = None) -> dict[str, Any]:
+    """A Lightning checkpoint from a local path, an ``http(s)://`` URL or any fsspec URL, always
+    unpickled with ``torch.load(weights_only=True)``: code smuggled into the file is refused, never run.
+
+    (Lightning loads URLs with ``weights_only=False`` and caches them by file name in torch hub's
+    folder, so a second URL with the same name would get the first file; a URL is fetched here into
+    memory on each call.) ``weights_only=False`` is refused: mdeq never unpickles code."""
+    if weights_only is False:
+        raise CheckpointRefusedError(f"refusing to read {path} with weights_only=False: mdeq never unpickles code from a checkpoint")
+    text = str(path) if isinstance(path, (str, Path)) else None
+    if text is None:
+        source: Any = path
+    elif text.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(text, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 - user-given checkpoint URL
+                source = io.BytesIO(response.read())
+        except OSError as err:
+            raise WeightsError(f"could not download checkpoint {text}: {err}") from err
+    elif "://" in text:
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        fs = get_filesystem(text)
+        if not fs.exists(text):
+            raise FileNotFoundError(f"Checkpoint file not found: {text}")
+        with fs.open(text, "rb") as f:
+            source = io.BytesIO(f.read())
+    else:
+        if not Path(text).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {text}")
+        source = text
+    try:
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler names what it refused; never retried unsafely
+        raise CheckpointRefusedError(
+            f"refused to load checkpoint {text or path}: it holds pickled objects other than tensors and plain data, "
+            f"which could run code (torch.load(weights_only=True) rejected it: {str(err).splitlines()[0][:200]}). "
+            "mdeq never unpickles code; re-save the checkpoint with plain data, or export its weights to safetensors."
+        ) from err
+    except Exception as err:  # noqa: BLE001 - truncated, not a zip/pickle, wrong map_location, ...
+        raise WeightsError(f"could not read checkpoint {text or path} (truncated or not a checkpoint?): {type(err).__name__}: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f"{text or path} is not a Lightning checkpoint (got a {type(checkpoint).__name__}, expected a dict)")
+    return checkpoint
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file *in the target's directory*, fsyncs it, then
+    """Reads every checkpoint with :func:`read_checkpoint` (plain data only, local or remote).
+
+    Writes each checkpoint to a temporary file *in the target's directory*, fsyncs it, then
     renames it over the target (``os.replace``: atomic on POSIX and Windows). A process killed
     at any point leaves either the complete old file or the complete new one.
 
@@ -24,6 +83,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     end; when that is another file system the move is a copy, and a kill during the copy leaves
     a truncated file.) Remote URLs (``s3://`` etc.) are handed to Lightning's implementation.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Callable | Any = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -52,7 +114,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:
-    """Switch ``trainer`` to :class:`AtomicCheckpointIO` unless a custom checkpoint IO was chosen."""
+    """Switch ``trainer`` to :class:`AtomicCheckpointIO` (atomic writes, safe reads) unless a custom
+    checkpoint IO was chosen. Every mdeq LightningModule calls it in ``setup``, before Lightning
+    restores a ``ckpt_path``, so plain ``Trainer`` use is covered as well as the CLI."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Union
+import io
+from pathlib import Path
+from typing import IO, Any, Union
 
 import lightning.pytorch as pl
 import torch
@@ -236,6 +238,35 @@ class DEQLightningModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    # ---- checkpoints: atomic writes, reads that never run code ---------------------------------
+    def setup(self, stage: str) -> None:
+        """Before Lightning restores a ``ckpt_path`` (it calls ``setup`` first): make the trainer
+        read checkpoints with :func:`~mdeq.lightning.checkpoint_io.read_checkpoint` (plain data only,
+        local or ``http(s)://``) and write them atomically."""
+        from mdeq.lightning.checkpoint_io import use_atomic_checkpoints
+
+        use_atomic_checkpoints(self.trainer)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Union[str, Path, IO],
+        map_location: Any = None,
+        hparams_file: Union[str, Path, None] = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> "DEQLightningModule":
+        """Lightning's ``load_from_checkpoint``, reading the file (local or a URL) with
+        :func:`~mdeq.lightning.checkpoint_io.read_checkpoint`: pickled code is refused, never run."""
+        from mdeq.lightning.checkpoint_io import read_checkpoint
+
+        checkpoint = read_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # plain data only: Lightning re-reads it with weights_only=True
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True, **kwargs)  # type: ignore[return-value]
 
     # ---- optimisation and state --------------------------------------------------------------
     def configure_optimizers(self) -> Any:

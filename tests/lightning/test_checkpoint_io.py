@@ -94,3 +94,90 @@ def test_resuming_from_a_checkpoint_carrying_code_refuses_without_running_it(tmp
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, limit_train=64), ckpt_path=str(evil))
     assert not marker.exists()
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    """An HTTP server on 127.0.0.1 serving ``tmp_path/served``; yields (folder, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # no request lines on stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SMALL = ["--model.init_args.backbone_kwargs", '{"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}']
+DIGITS_ARGS = ["--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *SMALL]
+
+
+def _trained_checkpoint(tmp_path):
+    from mdeq.cli import main
+
+    assert main(["fit", *DIGITS_ARGS, "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                 "--trainer.default_root_dir", str(tmp_path / "trained")]) == 0
+    return tmp_path / "trained" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.filterwarnings("ignore::mdeq.core.errors.ConvergenceWarning")  # 2 training steps from random weights
+def test_a_checkpoint_url_carrying_code_is_refused_on_every_path(tmp_path, loopback, capsys):
+    """Lightning loads http(s) checkpoints with weights_only=False; mdeq fit/test --ckpt_path and
+    load_from_checkpoint must refuse the payload without running it, and still load a clean file."""
+    from mdeq.cli import main
+    from mdeq.lightning import ClassificationModule
+    from mdeq.lightning.checkpoint_io import CheckpointRefusedError
+
+    folder, base = loopback
+    good = _trained_checkpoint(tmp_path)
+    (folder / "good.ckpt").write_bytes(good.read_bytes())
+    marker = tmp_path / "pwned"
+    evil = torch.load(good, weights_only=True)
+    evil["payload"] = _Marker(str(marker))
+    torch.save(evil, folder / "evil.ckpt")
+    capsys.readouterr()
+
+    for sub in ("fit", "test"):
+        code = main([sub, *DIGITS_ARGS, "--trainer.max_steps", "3", "--trainer.limit_test_batches", "1", "--ckpt_path", f"{base}/evil.ckpt"])
+        err = capsys.readouterr().err
+        assert code == 2 and "refused to load checkpoint" in err and "evil.ckpt" in err, err[-2000:]
+        assert not marker.exists(), sub
+    with pytest.raises(CheckpointRefusedError, match="could run code"):
+        ClassificationModule.load_from_checkpoint(f"{base}/evil.ckpt")
+    with pytest.raises(CheckpointRefusedError, match="weights_only=False"):
+        ClassificationModule.load_from_checkpoint(str(good), weights_only=False)
+    assert not marker.exists()
+
+    # the safe path still loads a clean checkpoint from the same server, and a local one
+    for source in (f"{base}/good.ckpt", str(good)):
+        module = ClassificationModule.load_from_checkpoint(source)
+        state = torch.load(good, weights_only=True)["state_dict"]
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    assert main(["test", *DIGITS_ARGS, "--trainer.limit_test_batches", "1", "--trainer.default_root_dir", str(tmp_path / "trained"), "--ckpt_path", f"{base}/good.ckpt"]) == 0
+    assert "RESULT" not in capsys.readouterr().err
+    with pytest.raises(Exception, match="could not download"):
+        ClassificationModule.load_from_checkpoint(f"{base}/missing.ckpt")
+
+
+def test_plain_trainer_reads_checkpoints_safely(tmp_path):
+    """Without the CLI: the module's setup hook gives a plain Trainer the safe, atomic checkpoint IO."""
+    from mdeq.lightning import ClassificationModule, DigitsDataModule
+
+    module = ClassificationModule(backbone="mdeq_digits", backbone_kwargs={"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module.trainer = trainer
+    module.setup("fit")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
