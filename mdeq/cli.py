@@ -148,6 +148,9 @@ def test_zoo_model(argv: list[str]) -> int:
         if value is not None and value <= 0:
             p.error(f"{flag} must be positive, got {value}")
     model = zoo.create(a.model, pretrained=True)
+    trained_on = zoo.card(a.model).get("task")
+    if trained_on != a.data:
+        p.error(f"{a.model} was trained for the task {trained_on!r}, not {a.data!r} (other classes and input shape); use --data {trained_on}")
     m = evaluate(model, a.data, a.data_root, a.batch_size, a.limit, max_steps=a.max_steps, tol=a.tol)
     print(summary_line({f"test/{k}": v for k, v in m.items()}))
     if a.equilibrium_check:
@@ -172,6 +175,7 @@ def export(argv: list[str]) -> int:
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--config", required=True, help="the training config the checkpoint came from")
     p.add_argument("--out-dir", default="checkpoints")
+    p.add_argument("--force", action="store_true", help="replace an existing <out-dir>/<name>.safetensors and .json")
     p.add_argument("--data-root", default=None)
     p.add_argument("--note", action="append", default=[], metavar="KEY=TEXT", help="an extra card field, e.g. selection='best validation epoch' (repeatable; TEXT may be JSON)")
     p.add_argument(
@@ -179,6 +183,17 @@ def export(argv: list[str]) -> int:
         help=f"evaluate and ship the model with this DEQ solver setting instead of the architecture's default ({', '.join(EVALUATION_SOLVER_OPTIONS)}; repeatable), e.g. max_steps=60",
     )
     a = p.parse_args(argv)
+    from mdeq.lightning.zoo_tools import check_export_name
+
+    try:
+        check_export_name(a.name)
+    except ValueError as err:
+        p.error(f"--name: {err}")
+    if not Path(a.config).is_file():
+        p.error(f"--config {a.config}: no such file (the card records the training config, so it must exist)")
+    existing = [str(Path(a.out_dir) / f"{a.name}{ext}") for ext in (".safetensors", ".json") if (Path(a.out_dir) / f"{a.name}{ext}").exists()]
+    if existing and not a.force:
+        p.error(f"{', '.join(existing)} already exist(s); pass --force to replace")
 
     def key_values(items: list[str], flag: str) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -199,7 +214,7 @@ def export(argv: list[str]) -> int:
     except ValueError as err:
         p.error(str(err))
     command = " ".join(shlex.quote(x) for x in ["mdeq", "export", *argv])
-    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes, solver_settings=settings)
+    card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes, solver_settings=settings, overwrite=a.force)
     print(json.dumps(card["metrics"], indent=2))
     from mdeq.lightning.equilibrium_check import format_check
 

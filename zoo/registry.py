@@ -8,7 +8,11 @@ from typing import Any, Callable
 
 from torch import nn
 
-from zoo.weights import WeightsError, checkpoint_dirs, find_checkpoint, load_weights, read_card
+from zoo.weights import WeightsError, check_sha256_field, checkpoint_dirs, find_checkpoint, load_weights, read_card
+
+CARD_SOLVER_BOUNDS = {"max_steps": (1, 10_000), "tol": (0.0, 1.0)}
+"""What a card may set for the DEQ solve it ships with: ``max_steps`` an integer in [1, 10000],
+``tol`` a number in (0, 1], ``stop_mode`` 'rel' or 'abs', ``solver`` a registered solver name."""
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,39 @@ def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     path = e.weights_path()
     if path is None:
         raise WeightsError(f"weights {e.weights!r} for {name!r} not found in {[str(d) for d in checkpoint_dirs()]}")
-    c = read_card(path.with_name(e.card_file))  # type: ignore[arg-type]
-    model = _build(e, {**c.get("architecture_kwargs", {}), **e.kwargs, **kwargs})
+    card_path = path.with_name(e.card_file)  # type: ignore[arg-type]
+    c = read_card(card_path)
+    sha256 = check_sha256_field(c.get("sha256"), f"model card {card_path}")
+    arch_kwargs = check_card_kwargs(c.get("architecture_kwargs", {}), f"model card {card_path}")
+    model = _build(e, {**arch_kwargs, **e.kwargs, **kwargs})
     # Fine-tuning to another class count: everything but the classifier's output layer loads.
     trained = c.get("num_classes", 10)
+    if not isinstance(trained, int) or isinstance(trained, bool) or trained < 1:
+        raise WeightsError(f"model card {card_path}: field 'num_classes' must be a positive integer, got {trained!r}")
     wanted = kwargs.get("num_classes", trained)
-    load_weights(model, path, sha256=c.get("sha256"), new_classes=(trained, wanted) if wanted != trained else None)
+    load_weights(model, path, sha256=sha256, new_classes=(trained, wanted) if wanted != trained else None)
     return model.eval()
+
+
+def check_card_kwargs(kwargs: Any, source: str) -> dict[str, Any]:
+    """A card's ``architecture_kwargs`` (a JSON object) with its solver settings inside
+    :data:`CARD_SOLVER_BOUNDS`: a card cannot make a model loop for a billion steps or stop at once."""
+    import math
+
+    from mdeq.core import list_solvers
+
+    if not isinstance(kwargs, dict):
+        raise WeightsError(f"{source}: field 'architecture_kwargs' must be a JSON object, got {type(kwargs).__name__}")
+    steps = kwargs.get("max_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= CARD_SOLVER_BOUNDS["max_steps"][1]):
+        raise WeightsError(f"{source}: field 'architecture_kwargs.max_steps' must be an integer in [1, {CARD_SOLVER_BOUNDS['max_steps'][1]}], got {steps!r}")
+    tol = kwargs.get("tol")
+    if tol is not None and (not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or not 0 < tol <= 1):
+        raise WeightsError(f"{source}: field 'architecture_kwargs.tol' must be a number in (0, 1], got {tol!r}")
+    if kwargs.get("stop_mode") not in (None, "rel", "abs"):
+        raise WeightsError(f"{source}: field 'architecture_kwargs.stop_mode' must be 'rel' or 'abs', got {kwargs['stop_mode']!r}")
+    solver = kwargs.get("solver")
+    name = solver.get("name") if isinstance(solver, dict) else solver
+    if solver is not None and name not in list_solvers():
+        raise WeightsError(f"{source}: field 'architecture_kwargs.solver' must name one of {list_solvers()}, got {solver!r}")
+    return kwargs

@@ -42,6 +42,19 @@ def checkpoint_dirs() -> list[Path]:
 
 
 def find_checkpoint(filename: str) -> Path | None:
+    """The first ``filename`` in :func:`checkpoint_dirs`. Under ``$MDEQ_CHECKPOINTS`` the user asked
+    for their own files: a folder that is not there, or a broken link or a directory in the file's
+    place, is an error, never a silent fall back to the shipped file. (A file that folder does not
+    hold at all falls back: it may override only some models.)"""
+    override = os.environ.get("MDEQ_CHECKPOINTS")
+    if override:
+        folder = Path(override)
+        if not folder.is_dir():
+            raise WeightsError(f"MDEQ_CHECKPOINTS={override} is not a directory; unset it or point it at a folder of weights and cards")
+        candidate = folder / filename
+        if os.path.lexists(candidate) and not candidate.is_file():
+            what = "a broken link" if candidate.is_symlink() and not candidate.exists() else "a directory" if candidate.is_dir() else "not a regular file"
+            raise WeightsError(f"{candidate} (under MDEQ_CHECKPOINTS) is {what}; replace it with the weights file or remove it")
     for d in checkpoint_dirs():
         if (d / filename).is_file():
             return d / filename
@@ -94,8 +107,31 @@ def check_compatible(model: nn.Module, tensors: Mapping[str, Tensor], source: st
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Is it another model's file?")
 
 
+def check_values(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Clear error unless every tensor has the model's dtype (nothing is cast silently) and every
+    floating-point tensor is finite (a NaN or Inf weight poisons every output)."""
+    own = model.state_dict()
+    for key, value in tensors.items():
+        if key in own and value.dtype != own[key].dtype:
+            raise WeightsError(f"{source}: tensor {key!r} is {value.dtype}, the model's is {own[key].dtype}; refusing to cast it silently")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise WeightsError(f"{source}: tensor {key!r} holds {bad} NaN/Inf value(s); these weights are broken")
+
+
+SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def check_sha256_field(value: Any, source: str) -> str:
+    """The ``sha256`` of a card: 64 lowercase hex digits, or a :class:`WeightsError` naming ``source``."""
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= SHA256_HEX:
+        raise WeightsError(f"{source}: field 'sha256' must be the weights file's SHA-256 (64 hex digits), got {value!r}; the file cannot be verified, so it is not loaded")
+    return value
+
+
 def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None, new_classes: tuple[int, int] | None = None) -> nn.Module:
-    """Load ``path`` into ``model`` after checking its SHA-256 (when given), keys and shapes.
+    """Load ``path`` into ``model`` after checking its SHA-256 (when given), keys, shapes, dtypes
+    and values (finite).
 
     ``new_classes=(old, new)``: the model was built for ``new`` classes instead of the file's
     ``old``; the classifier's output layer (the tensors whose leading size is ``old`` in the file
@@ -120,6 +156,7 @@ def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None, 
             raise WeightsError(f"{path}: no classifier output layer with {old} classes found to re-initialise for {new} classes")
         tensors = {**tensors, **{k: own[k] for k in head}}  # the fresh head replaces the file's
     check_compatible(model, tensors, str(path))
+    check_values(model, tensors, str(path))
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -141,6 +178,9 @@ def write_card(path: str | Path, card: Mapping[str, Any]) -> None:
 
 def read_card(path: str | Path) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
+        card = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise WeightsError(f"model card {path} is missing or not valid JSON: {err}") from err
+    if not isinstance(card, dict):
+        raise WeightsError(f"model card {path} must be a JSON object, got {type(card).__name__}")
+    return card

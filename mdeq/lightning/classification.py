@@ -30,14 +30,21 @@ from mdeq.lightning.recipes import (
 
 
 def build_backbone(
-    backbone: Union[str, nn.Module], backbone_kwargs: dict[str, Any] | None, pretrained: bool = False, init_weights: str | None = None
+    backbone: Union[str, nn.Module],
+    backbone_kwargs: dict[str, Any] | None,
+    pretrained: bool = False,
+    init_weights: str | None = None,
+    init_weights_sha256: str | None = None,
 ) -> nn.Module:
     """A backbone instance from a zoo name (with keyword arguments) or the instance itself;
-    ``pretrained`` loads the zoo's shipped weights, ``init_weights`` a file of your own."""
+    ``pretrained`` loads the zoo's shipped weights, ``init_weights`` a file of your own (checked
+    against ``init_weights_sha256`` and against the model card beside it, when there is one)."""
     if pretrained and init_weights is not None:
         raise ValueError("give either pretrained=True (the zoo's shipped weights) or init_weights (a file), not both")
+    if init_weights_sha256 is not None and init_weights is None:
+        raise ValueError("init_weights_sha256 checks an init_weights file, but no init_weights was given")
     if init_weights is not None:
-        return load_backbone_weights(build_backbone(backbone, backbone_kwargs), init_weights)
+        return load_backbone_weights(build_backbone(backbone, backbone_kwargs), init_weights, init_weights_sha256)
     if isinstance(backbone, nn.Module):
         if backbone_kwargs:
             raise ValueError("backbone_kwargs only apply when the backbone is given by name")
@@ -61,15 +68,28 @@ def backbone_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_backbone_weights(model: nn.Module, path: str) -> nn.Module:
+def load_backbone_weights(model: nn.Module, path: str, sha256: str | None = None) -> nn.Module:
     """Start ``model`` from the weights in ``path``: a Lightning checkpoint of an mdeq module (its
     ``backbone.`` tensors), a zoo ``.safetensors`` file or a plain state dict. Read without running
-    code (safetensors or ``weights_only=True``); names and shapes must match exactly. Only the
+    code (safetensors or ``weights_only=True``); names, shapes and dtypes must match exactly and
+    values be finite. The file's SHA-256 must equal ``sha256`` when given, and the ``sha256`` of a
+    model card beside it (``<stem>.json``, as ``mdeq export`` writes) when there is one. Only the
     weights load: optimiser, schedule and step count start fresh (resuming is ``--ckpt_path``)."""
-    from zoo.weights import check_compatible, read_tensors
+    from zoo.weights import WeightsError, check_compatible, check_sha256_field, check_values, read_card, read_tensors, sha256_of
 
+    source = f"init_weights {path}"
+    card = Path(path).with_suffix(".json")
+    expected = [(check_sha256_field(sha256, f"{source}: init_weights_sha256"), "init_weights_sha256")] if sha256 is not None else []
+    if Path(path).suffix == ".safetensors" and card.is_file():
+        expected.append((check_sha256_field(read_card(card).get("sha256"), f"model card {card}"), f"the card {card}"))
+    if expected and Path(path).is_file():
+        actual = sha256_of(path)
+        for want, where in expected:
+            if actual != want:
+                raise WeightsError(f"{source}: SHA-256 mismatch with {where} (the file was changed, truncated or replaced): expected {want}, got {actual}")
     tensors = backbone_state(read_tensors(path))
-    check_compatible(model, tensors, f"init_weights {path}")
+    check_compatible(model, tensors, source)
+    check_values(model, tensors, source)
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -98,6 +118,7 @@ class DEQLightningModule(pl.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         init_weights: str | None = None,
+        init_weights_sha256: str | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -122,7 +143,7 @@ class DEQLightningModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        self.backbone = build_backbone(backbone, backbone_kwargs, pretrained, init_weights)
+        self.backbone = build_backbone(backbone, backbone_kwargs, pretrained, init_weights, init_weights_sha256)
         self.started_from = weights_origin(backbone, pretrained, init_weights)
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.scheduler_name, self.warmup_steps, self.min_lr_ratio = scheduler, warmup_steps, min_lr_ratio

@@ -119,6 +119,8 @@ def drop_missing_init_weights(config: Any, subcommand: str | None) -> str | None
 
         raise WeightsError(f"init_weights file not found: {path} (model.init_args.init_weights)")
     init_args["init_weights"] = None
+    if init_args.get("init_weights_sha256") is not None:
+        init_args["init_weights_sha256"] = None  # it checked the file that is gone
     return str(path)
 
 

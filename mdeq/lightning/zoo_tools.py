@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import re
 import shlex
 import sys
 import warnings
@@ -124,6 +126,18 @@ def check_solver_settings(settings: dict[str, Any]) -> None:
         raise ValueError(f"unknown solver setting(s) {unknown} for export; choose from {list(EVALUATION_SOLVER_OPTIONS)}")
 
 
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_export_name(name: str) -> None:
+    """A model name is one plain file name: no folder, no leading dot (hidden files), not empty."""
+    if not EXPORT_NAME.fullmatch(name) or name.endswith(".") or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (starting with a letter or digit, at most 100), "
+            "no path: the files are written as <out-dir>/<name>.safetensors and <name>.json"
+        )
+
+
 def export_checkpoint(
     checkpoint: str,
     name: str,
@@ -134,6 +148,7 @@ def export_checkpoint(
     command: str | None = None,
     notes: dict[str, Any] | None = None,
     solver_settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Turn a Lightning checkpoint of ``ClassificationModule`` into ``out_dir/<name>.safetensors``
     plus ``<name>.json``: re-measures test accuracy and f-evaluations, records the training
@@ -143,9 +158,20 @@ def export_checkpoint(
     ``architecture_kwargs``: loading the weights gives the library's default backward. ``notes``
     adds free fields to the card (e.g. how the checkpoint was selected). ``solver_settings`` (keys of
     :data:`EVALUATION_SOLVER_OPTIONS`) replaces the architecture's default solver settings in the
-    exported model, e.g. a looser ``tol`` or more ``max_steps`` than the architecture's default."""
+    exported model, e.g. a looser ``tol`` or more ``max_steps`` than the architecture's default.
+
+    ``name`` is a file name (letters, digits, ``_ . -``; no path); existing files of that name in
+    ``out_dir`` are only replaced with ``overwrite=True``; ``config`` must exist (the card cites it)."""
     import zoo
     from zoo.weights import save_weights, write_card
+
+    check_export_name(name)
+    targets = [Path(out_dir) / f"{name}.safetensors", Path(out_dir) / f"{name}.json"]
+    existing = [str(t) for t in targets if os.path.lexists(t)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --force (overwrite=True) to replace them")
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"training config {config} not found: the card records the config the weights were trained with, so it must exist")
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters", {})

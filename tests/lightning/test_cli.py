@@ -77,6 +77,9 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     ckpt = glob.glob("runs/digits/mdeq_digits/**/last.ckpt", recursive=True)
     assert len(ckpt) == 1, ckpt
     out = tmp_path / "zoo_out"
+    (tmp_path / "configs/digits").mkdir(parents=True)  # the card cites the config by the path given
+    (tmp_path / "configs/digits/mdeq_digits.yaml").write_text((REPO / "configs/digits/mdeq_digits.yaml").read_text())
+    (tmp_path / "c.yaml").write_text("# the config of the continued run\n")
     assert main([
         "export", "--checkpoint", ckpt[0], "--name", "tiny_digits", "--task", "digits",
         "--config", "configs/digits/mdeq_digits.yaml", "--out-dir", str(out),
@@ -114,7 +117,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
             if kept is not None:
                 whole["mdeq_started_from"] = kept
             torch.save(whole, tmp_path / "continued.ckpt")
-            again = export_checkpoint(str(tmp_path / "continued.ckpt"), "continued", "digits", "c.yaml", str(out))
+            again = export_checkpoint(str(tmp_path / "continued.ckpt"), "continued", "digits", "c.yaml", str(out), overwrite=True)
             assert again["architecture"] == "mdeq_digits" and again["architecture_kwargs"]["channels"] == [8, 8]
             expected = kept or ({"zoo_weights": "digits_alias_for_test"} if "pretrained" in started else started)
             assert again["training"]["started_from"] == expected
@@ -128,6 +131,40 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
 
     with pytest.raises(ValueError, match=r"unknown solver setting\(s\) \['lr'\]"):
         export_checkpoint(ckpt[0], "x", "digits", "c.yaml", str(out), solver_settings={"lr": 1.0})
+
+
+
+def test_export_refuses_paths_hidden_names_overwrites_and_missing_configs(tmp_path, capsys):
+    from mdeq.lightning.zoo_tools import export_checkpoint
+
+    out = tmp_path / "zoo_out"
+    out.mkdir()
+    (out / "taken.safetensors").write_bytes(b"weights someone shipped")
+    (tmp_path / "c.yaml").write_text("# a config\n")
+    base = ["export", "--checkpoint", "any.ckpt", "--task", "digits", "--out-dir", str(out)]
+    for name, why in (("../x", "invalid model name"), (str(tmp_path / "abs"), "invalid model name"), ("", "invalid model name"),
+                      (".hidden", "invalid model name"), ("a/b", "invalid model name"), ("taken", "already exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--name", name, "--config", "c.yaml"])
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err, name
+    with pytest.raises(SystemExit):
+        main([*base, "--name", "fine", "--config", "missing.yaml"])
+    assert "missing.yaml: no such file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="invalid model name"):
+        export_checkpoint("any.ckpt", "../../escape", "digits", "c.yaml", str(out))
+    with pytest.raises(FileExistsError, match="--force"):
+        export_checkpoint("any.ckpt", "taken", "digits", "c.yaml", str(out))
+    with pytest.raises(FileNotFoundError, match="missing.yaml not found"):
+        export_checkpoint("any.ckpt", "fine", "digits", "missing.yaml", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["taken.safetensors"] and not (tmp_path / "x.json").exists()
+    assert (out / "taken.safetensors").read_bytes() == b"weights someone shipped"
+
+
+def test_zoo_test_refuses_a_model_task_mismatch(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--model", "mdeq_digits", "--data", "mnist"])
+    assert exit_info.value.code == 2
+    assert "mdeq_digits was trained for the task 'digits', not 'mnist'" in capsys.readouterr().err
 
 
 def test_resume_message_is_printed_by_global_rank_zero_only(tmp_path, capsys):
