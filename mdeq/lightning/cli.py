@@ -30,6 +30,21 @@ class MDEQCLI(LightningCLI):
         self._given_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning puts a checkpoint's saved hyperparameters *over* the parsed config, so with
+        ``--ckpt_path`` an explicit ``--model.init_args.eval_max_steps 100`` was silently replaced
+        by the saved value. The checkpoint now fills in only what the user did not write: every
+        model option given on the command line or in a ``--config`` file is put back."""
+        subcommand = self.config.get("subcommand")
+        before = self.config.clone() if subcommand else None
+        super()._parse_ckpt_path()
+        if before is None:
+            return
+        for key in explicit_model_keys(getattr(self, "_given_args", [])):
+            full = f"{subcommand}.{key}"
+            if full in before and self.config.get(full) != before.get(full):
+                self.config[full] = before[full]
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         given = self._get(self.config_init, "trainer", default={})
         for key, value in integer_limits(getattr(self, "_given_args", [])).items():
@@ -101,6 +116,31 @@ def integer_limits(args: list[str]) -> dict[str, int]:
             text = value or (args[i + 1] if i + 1 < len(args) else "")
             written[key[len("--trainer.") :]] = int(text) if text.strip().isdigit() else text
     return {k: v for k, v in written.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def explicit_model_keys(args: list[str]) -> list[str]:
+    """The model options that ``args`` set explicitly, as dotted keys (``model.init_args.lr``):
+    ``--model.*`` on the command line (``--model.lr`` is short for ``--model.init_args.lr``) and
+    the ``model`` section of each ``--config`` file."""
+    import yaml
+
+    keys: list[str] = []
+    for i, token in enumerate(args):
+        key, _, value = token.partition("=")
+        if key in ("--config", "-c"):
+            path = value or (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if isinstance(model, dict):
+                keys += ["model.class_path"] if "class_path" in model else []
+                keys += [f"model.init_args.{k}" for k in (model.get("init_args") or {})]
+                keys += [f"model.init_args.{k}" for k in model if k not in ("class_path", "init_args", "dict_kwargs")]
+        elif key.startswith("--model."):
+            name = key[len("--model.") :]
+            keys.append(f"model.{name}" if name.startswith(("init_args.", "class_path")) else f"model.init_args.{name}")
+    return list(dict.fromkeys(keys))
 
 
 def drop_missing_init_weights(config: Any, subcommand: str | None) -> str | None:

@@ -220,3 +220,22 @@ def test_resume_needs_no_init_weights_file_but_never_falls_back_to_random_weight
     assert "there is no checkpoint to resume from" in err and "is gone; resuming" not in err
     assert fit("other", "--trainer.max_epochs", "1") == 2
     assert "init_weights file not found" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::mdeq.core.errors.ConvergenceWarning")  # 2 training steps, 2 solver steps
+def test_explicit_overrides_win_over_the_checkpoints_saved_settings(tmp_path, capsys):
+    """With --ckpt_path, Lightning put the checkpoint's hyperparameters over the command line:
+    eval_max_steps 2 and 100 measured the same f-evals. What the user writes wins; the checkpoint
+    fills in the rest (here backbone_kwargs, which the config file does not set)."""
+    small = '{"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2}'
+    base = ["--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", *base, "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.limit_test_batches", "1", "--model.init_args.backbone_kwargs", small]) == 0
+    ckpt = "runs/digits/mdeq_digits/checkpoints/last.ckpt"
+    nfe = {}
+    for steps in ("2", "100"):
+        capsys.readouterr()
+        assert main(["test", *base, "--trainer.limit_test_batches", "1", "--ckpt_path", ckpt, "--model.init_args.eval_max_steps", steps]) == 0
+        out = capsys.readouterr().out
+        nfe[steps] = float(out.split("test/nfe")[1].split()[0])
+    assert nfe["2"] <= 3 and nfe["100"] > 10, nfe
