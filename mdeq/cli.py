@@ -229,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from mdeq.lightning.data.base import DatasetNotFoundError
+    from mdeq.lightning.errors import ConfigError
     from zoo.registry import UnknownModelError
     from zoo.weights import WeightsError
 
     try:
         return _main(argv)
-    except (DatasetNotFoundError, UnknownModelError, WeightsError) as err:
+    except (DatasetNotFoundError, UnknownModelError, WeightsError, ConfigError) as err:
         if os.environ.get("MDEQ_DEBUG"):
             raise
         print(f"mdeq: error: {err}", file=sys.stderr)

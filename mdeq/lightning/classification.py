@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import math
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -108,6 +109,44 @@ def weights_origin(backbone: Union[str, nn.Module], pretrained: bool, init_weigh
     return None
 
 
+OPTION_RULES: dict[str, tuple[str, Any]] = {
+    # name: (what it must be, test); None passes for the Optional solver budgets
+    "lr": ("> 0 (a finite number)", lambda v: _number(v) and v > 0),
+    "weight_decay": (">= 0 (a finite number)", lambda v: _number(v) and v >= 0),
+    "momentum": ("in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "skip_weight": (">= 0 (a finite number)", lambda v: _number(v) and v >= 0),
+    "min_lr_ratio": ("in [0, 1] (the cosine schedule's floor, as a fraction of lr)", lambda v: _number(v) and 0 <= v <= 1),
+    "warmup_steps": (">= 0 (an integer)", lambda v: _integer(v) and v >= 0),
+    "jacobian_warmup_steps": (">= 0 (an integer)", lambda v: _integer(v) and v >= 0),
+    "pretrain_steps": (">= 0 (an integer)", lambda v: _integer(v) and v >= 0),
+    "jacobian_probes": (">= 1 (an integer)", lambda v: _integer(v) and v >= 1),
+    "pretrain_unroll": (">= 1 (an integer)", lambda v: _integer(v) and v >= 1),
+    "train_max_steps": (">= 1 (an integer) or None", lambda v: v is None or (_integer(v) and v >= 1)),
+    "eval_max_steps": (">= 1 (an integer) or None", lambda v: v is None or (_integer(v) and v >= 1)),
+    "train_tol": ("in (0, 1] or None", lambda v: v is None or (_number(v) and 0 < v <= 1)),
+    "eval_tol": ("in (0, 1] or None", lambda v: v is None or (_number(v) and 0 < v <= 1)),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_options(**values: Any) -> None:
+    """Raise :class:`~mdeq.lightning.errors.ConfigError` naming the first option outside its rule
+    in :data:`OPTION_RULES`."""
+    from mdeq.lightning.errors import ConfigError
+
+    for name, value in values.items():
+        what, ok = OPTION_RULES[name]
+        if not ok(value):
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
 class DEQLightningModule(pl.LightningModule):
     """What every mdeq LightningModule shares: backbone, DEQ recipes, optimiser, logging of
     solver statistics, resumable random state."""
@@ -151,9 +190,12 @@ class DEQLightningModule(pl.LightningModule):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {SCHEDULERS}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}")
-        for what, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("warmup_steps", warmup_steps), ("skip_weight", skip_weight)):
-            if not value >= 0 or (what == "lr" and value == 0):
-                raise ValueError(f"{what} must be {'> 0' if what == 'lr' else '>= 0'}, got {value!r}")
+        check_options(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, warmup_steps=warmup_steps, skip_weight=skip_weight,
+            min_lr_ratio=min_lr_ratio, jacobian_warmup_steps=jacobian_warmup_steps, jacobian_probes=jacobian_probes,
+            pretrain_steps=pretrain_steps, pretrain_unroll=pretrain_unroll, train_max_steps=train_max_steps,
+            eval_max_steps=eval_max_steps, train_tol=train_tol, eval_tol=eval_tol,
+        )
         self.jacobian = JacobianSchedule(jacobian_weight, jacobian_probability, jacobian_start_weight, jacobian_warmup_steps, seed)
         self.regularizer = JacobianRegularization(backend=jacobian_backend, n_probes=jacobian_probes)
         self.skip_weight = skip_weight
@@ -292,7 +334,17 @@ class DEQLightningModule(pl.LightningModule):
     # ---- optimisation and state --------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         opt = build_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay, self.momentum)
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
+        if not math.isfinite(total):  # max_epochs -1 (and no max_steps): a run without an end
+            if self.scheduler_name == "cosine":
+                from mdeq.lightning.errors import ConfigError
+
+                raise ConfigError(
+                    "scheduler 'cosine' decays over the run's length, but this run has no end (trainer.max_epochs -1 and no "
+                    "max_steps): set --trainer.max_epochs N or --trainer.max_steps N, or use --model.init_args.scheduler constant"
+                )
+            total = 1
+        total = int(total)
         sched = build_scheduler(opt, self.scheduler_name, self.warmup_steps, total, self.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

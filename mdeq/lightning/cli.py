@@ -11,9 +11,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mdeq.lightning.checkpoint_io import use_atomic_checkpoints, use_stable_checkpoint_dirs
 from mdeq.lightning.classification import DEQLightningModule
+from mdeq.lightning.errors import ConfigError
 from mdeq.lightning.precision import check_cpu_precision
 
 
@@ -29,6 +31,15 @@ class MDEQCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         self._given_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        """A model or DataModule whose constructor refuses an option raised through jsonargparse as
+        a 60-line traceback ending in the cause; it is now a :class:`ConfigError` naming the class
+        and the option (the ``mdeq`` command prints it as one line, exit 2)."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise constructor_error(err) from err
 
     def _parse_ckpt_path(self) -> None:
         """Lightning puts a checkpoint's saved hyperparameters *over* the parsed config, so with
@@ -50,7 +61,10 @@ class MDEQCLI(LightningCLI):
         for key, value in integer_limits(getattr(self, "_given_args", [])).items():
             if key not in kwargs and given.get(key) == value:
                 kwargs[key] = value  # as written: 1 batch, not 1.0 = 100% (see integer_limits)
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            raise ConfigError(f"invalid trainer option: {err}") from err
         use_atomic_checkpoints(trainer)
         use_stable_checkpoint_dirs(trainer)
         check_cpu_precision(trainer)
@@ -93,6 +107,27 @@ def run_lightning_cli(args: list[str] | None = None) -> None:
 
 
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches")
+
+
+def constructor_error(err: BaseException) -> BaseException:
+    """The error to show for a failed instantiation: the innermost cause (what our constructor
+    said), prefixed with the class jsonargparse was building. Errors that already speak for
+    themselves (bad weights, a missing dataset) are returned as they are."""
+    import re
+
+    from mdeq.lightning.data.base import DatasetNotFoundError
+    from zoo.weights import WeightsError
+
+    if isinstance(err, ConfigError):  # already says what it is (e.g. from instantiate_trainer)
+        return err
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, (WeightsError, DatasetNotFoundError)) and cause is not err:
+        return cause
+    found = re.search(r"class_path='([^']+)'", str(err))
+    where = f"{found.group(1)}: " if found else ""
+    return ConfigError(where + (str(cause) if cause is not err else str(err).splitlines()[0]))
 
 
 def integer_limits(args: list[str]) -> dict[str, int]:

@@ -239,3 +239,33 @@ def test_explicit_overrides_win_over_the_checkpoints_saved_settings(tmp_path, ca
         out = capsys.readouterr().out
         nfe[steps] = float(out.split("test/nfe")[1].split()[0])
     assert nfe["2"] <= 3 and nfe["100"] > 10, nfe
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.init_args.min_lr_ratio", "-1"], r"ClassificationModule: min_lr_ratio must be in \[0, 1\]"),
+        (["--model.init_args.lr", "0"], "ClassificationModule: lr must be > 0"),
+        (["--data.init_args.batch_size", "0"], "DigitsDataModule: batch_size must be >= 1, got 0"),
+        (["--trainer.max_epochs", "-1"], "scheduler 'cosine' decays over the run's length, but this run has no end"),
+        (["--trainer.limit_train_batches", "-3"], "invalid trainer option: .*limit_train_batches"),
+    ],
+    ids=["min_lr_ratio", "lr", "batch_size", "endless_cosine", "trainer"],
+)
+def test_invalid_options_are_one_line_naming_the_option(args, message, capsys):
+    """Exit 2 and one line naming the option, not exit 0 with a negative learning rate, an
+    OverflowError, or a 60-line traceback whose cause is at its end."""
+    import re
+
+    code = main(["fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mdeq: error:")]
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), err[-2000:]
+
+
+def test_invalid_option_from_the_shell_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mdeq.cli", "fit", "--config", str(REPO / "configs/digits/mdeq_digits.yaml"),
+                           "--trainer.logger", "false", "--model.init_args.min_lr_ratio", "-1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("mdeq: error: mdeq.lightning.ClassificationModule: min_lr_ratio")
