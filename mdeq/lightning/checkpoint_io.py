@@ -94,7 +94,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        remove_abandoned_writes(target.parent)
+        # the writer's pid is in the name, so a later save can tell an abandoned write from a live one
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -111,6 +113,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_abandoned_writes(folder: Path) -> list[Path]:
+    """Delete ``.<name>.<pid>.<random>.partial`` files in ``folder`` whose writer is no longer
+    running (a process killed mid-write leaves one; the checkpoint it was replacing is intact).
+    Says so on stderr; returns what it removed. Writes of live processes are left alone."""
+    import sys
+
+    removed = []
+    for partial in folder.glob(".*.partial"):
+        parts = partial.name.split(".")
+        pid = next((int(p) for p in reversed(parts[:-1]) if p.isdigit()), None)
+        if pid is None or pid == os.getpid() or process_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            size = partial.stat().st_size
+            partial.unlink()
+            removed.append(partial)
+            print(f"mdeq: removed {partial} ({size} bytes): an unfinished checkpoint write of process {pid}, which is gone", file=sys.stderr)
+    return removed
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:

@@ -5,6 +5,9 @@ can pickle it."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from mdeq.lightning.checkpoint_io import use_atomic_checkpoints, use_stable_checkpoint_dirs
+from mdeq.lightning.checkpoint_io import process_alive, use_atomic_checkpoints, use_stable_checkpoint_dirs
 from mdeq.lightning.classification import DEQLightningModule
 from mdeq.lightning.errors import ConfigError
 from mdeq.lightning.precision import check_cpu_precision
@@ -67,6 +70,8 @@ class MDEQCLI(LightningCLI):
             raise ConfigError(f"invalid trainer option: {err}") from err
         use_atomic_checkpoints(trainer)
         use_stable_checkpoint_dirs(trainer)
+        if self.subcommand == "fit":
+            claim_run_folder(trainer, self.config[self.subcommand].get("ckpt_path"))
         check_cpu_precision(trainer)
         if self.dropped_init_weights is not None:
             require_resume_checkpoint(trainer, self.config[self.subcommand].get("ckpt_path"), self.dropped_init_weights)
@@ -78,8 +83,7 @@ class MDEQCLI(LightningCLI):
         dm = self.datamodule
         if dm is None or type(dm).test_dataloader is pl.LightningDataModule.test_dataloader:
             return
-        ckpt = self.trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        best = best_checkpoint(self.trainer.checkpoint_callback)
         results = self.trainer.test(self.model, datamodule=dm, ckpt_path=best or None, verbose=False)
         if results and self.trainer.is_global_zero:
             print(summary_line(results[0], best))
@@ -107,6 +111,78 @@ def run_lightning_cli(args: list[str] | None = None) -> None:
 
 
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches")
+
+
+def _first_rank() -> bool:
+    """Global rank 0 as the launcher's environment says (before the Trainer has set up DDP)."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def claim_run_folder(trainer: pl.Trainer, ckpt_path: Any) -> None:
+    """A ``fit`` owns its checkpoint folder. A new run (no ``--ckpt_path``) into a folder that holds
+    another run's checkpoints would mix its files with them (Lightning only warns and writes
+    ``best-epoch=0-v1.ckpt`` beside the old ``last.ckpt``): refused, with the two ways on. A second
+    ``fit`` while one is running there is refused too (a lock file with the owner's pid; a lock
+    left by a killed process is taken over). Checked by global rank 0 only: other DDP ranks start
+    after it, and would otherwise see its lock."""
+    if not _first_rank():
+        return
+    folders = sorted({Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath})
+    if not folders:
+        return
+    for folder in folders:
+        lock = folder / ".fit.lock"
+        try:
+            owner = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            owner = 0
+        if owner and owner != os.getpid() and process_alive(owner):
+            raise ConfigError(f"another mdeq fit (process {owner}) is writing to {folder}; wait for it, or give this run its own --trainer.default_root_dir")
+    if ckpt_path is None:
+        for folder in folders:
+            earlier = sorted(p.name for p in folder.glob("*.ckpt"))
+            if earlier:
+                root = Path(trainer.default_root_dir)
+                raise ConfigError(
+                    f"{folder} already holds the checkpoints of an earlier run ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}); "
+                    f"continue that run with --ckpt_path last, or start a new one in its own folder with "
+                    f"--trainer.default_root_dir {root.parent / (root.name + '-2')} (or delete {root})"
+                )
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / ".fit.lock"
+        lock.write_text(f"{os.getpid()}\n")
+        atexit.register(_release, lock)
+
+
+def _release(lock: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if int(lock.read_text().strip()) == os.getpid():
+            lock.unlink()
+
+
+def best_checkpoint(callback: Any) -> str:
+    """The best checkpoint of this run, inside its checkpoint folder. A resumed run whose folder was
+    moved carries the old path: it is looked up by name in the folder the run uses now (and said),
+    never read from the old place, where another run's file may be by now."""
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    if not best or not getattr(callback, "dirpath", None):
+        return best or ""
+    folder = Path(callback.dirpath).resolve()
+    recorded = Path(best)
+    if recorded.resolve().parent == folder and recorded.is_file():
+        return best
+    here = folder / recorded.name
+    if here.is_file():
+        if _first_rank():
+            print(f"mdeq: the run folder has moved: testing {here} (recorded as {best})", file=sys.stderr)
+        return str(here)
+    raise ConfigError(
+        f"this run's best checkpoint is recorded as {best}, which is not in its checkpoint folder {folder} "
+        "(was the run folder moved or cleaned?); test a checkpoint explicitly with mdeq test --ckpt_path <file>"
+    )
 
 
 def constructor_error(err: BaseException) -> BaseException:

@@ -45,6 +45,13 @@ def test_killed_checkpoint_write_leaves_the_old_file_intact(tmp_path, where):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = torch.load(target, weights_only=True)
     assert ckpt["version"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))
+    leftovers = list(tmp_path.glob(".last.ckpt.*.partial"))
+    assert len(leftovers) == 1  # the killed write's temp file, named with its pid
+    live = tmp_path / f".last.ckpt.{os.getpid()}.abc.partial"  # a write in progress elsewhere: kept
+    live.write_bytes(b"")
+    AtomicCheckpointIO().save_checkpoint({"version": 3}, target)  # the next save clears the abandoned one
+    assert not leftovers[0].exists() and live.exists()
+    assert torch.load(target, weights_only=True)["version"] == 3
 
 
 def test_atomic_save_replaces_and_cleans_up(tmp_path):
@@ -181,3 +188,56 @@ def test_plain_trainer_reads_checkpoints_safely(tmp_path):
     module.trainer = trainer
     module.setup("fit")
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def _fit_digits(*extra):
+    from mdeq.cli import main
+
+    return main(["fit", *DIGITS_ARGS, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.limit_test_batches", "1", *extra])
+
+
+@pytest.mark.filterwarnings("ignore::mdeq.core.errors.ConvergenceWarning")
+def test_a_second_fit_never_mixes_its_files_into_another_runs_folder(tmp_path, capsys):
+    assert _fit_digits() == 0
+    folder = tmp_path / "runs/digits/mdeq_digits/checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.ckpt")}
+    capsys.readouterr()
+    assert _fit_digits() == 2
+    err = capsys.readouterr().err
+    assert "already holds the checkpoints of an earlier run" in err and "--ckpt_path last" in err and "mdeq_digits-2" in err
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.ckpt")} == before  # nothing written, nothing mixed
+    assert _fit_digits("--ckpt_path", "last", "--trainer.max_epochs", "2") == 0  # continuing the run is fine
+    assert not (folder / ".fit.lock").exists() or (folder / ".fit.lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_fit_running_in_a_folder_locks_it(tmp_path, capsys):
+    from mdeq.cli import main
+
+    folder = tmp_path / "runs/digits/mdeq_digits/checkpoints"
+    folder.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / ".fit.lock").write_text(f"{sleeper.pid}\n")
+        assert main(["fit", *DIGITS_ARGS, "--trainer.max_steps", "1"]) == 2
+        assert f"another mdeq fit (process {sleeper.pid}) is writing to" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.filterwarnings("ignore::mdeq.core.errors.ConvergenceWarning", "ignore:The dirpath has changed")
+def test_a_moved_run_folder_resumes_and_tests_its_own_best_checkpoint(tmp_path, capsys):
+    import shutil
+
+    assert _fit_digits("--trainer.default_root_dir", "first") == 0
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    (tmp_path / "first/checkpoints").mkdir(parents=True)  # another run now lives at the old place
+    best_name = next(p.name for p in (tmp_path / "moved/checkpoints").glob("best-*.ckpt"))
+    (tmp_path / "first/checkpoints" / best_name).write_bytes(b"not this run's checkpoint")
+    capsys.readouterr()
+    assert _fit_digits("--trainer.default_root_dir", "moved", "--ckpt_path", "moved/checkpoints/last.ckpt") == 0
+    captured = capsys.readouterr()
+    assert "the run folder has moved: testing" in captured.err
+    result = next(line for line in captured.out.splitlines() if line.startswith("RESULT"))
+    assert str(tmp_path / "moved/checkpoints" / best_name) in result
