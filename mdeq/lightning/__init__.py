@@ -18,6 +18,7 @@ from mdeq.lightning.data import (
 from mdeq.lightning.loggers import AutoWandbLogger, wandb_key_available
 from mdeq.lightning.precision import SlowPrecisionWarning
 from mdeq.lightning.regression import RegressionModule
+from mdeq.lightning.sync_batchnorm import CrossProcessBatchNorm, PortableSyncBatchNorm
 from mdeq.lightning.weight_ema import WeightEMA
 
 __all__ = [
@@ -28,12 +29,14 @@ __all__ = [
     "ClassificationDataModule",
     "ClassificationModule",
     "ConvergenceGuard",
+    "CrossProcessBatchNorm",
     "DEQLightningModule",
     "DatasetNotFoundError",
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "LinearToyDataModule",
     "MNISTDataModule",
+    "PortableSyncBatchNorm",
     "RegressionModule",
     "ResidualPlotCallback",
     "SlowPrecisionWarning",

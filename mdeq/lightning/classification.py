@@ -304,12 +304,15 @@ class DEQLightningModule(pl.LightningModule):
 
     # ---- checkpoints: atomic writes, reads that never run code ---------------------------------
     def setup(self, stage: str) -> None:
-        """Before Lightning restores a ``ckpt_path`` (it calls ``setup`` first): make the trainer
-        read checkpoints with :func:`~mdeq.lightning.checkpoint_io.read_checkpoint` (plain data only,
-        local or ``http(s)://``) and write them atomically."""
+        """Before Lightning restores a ``ckpt_path`` and converts layers (it calls ``setup`` first):
+        make the trainer read checkpoints with :func:`~mdeq.lightning.checkpoint_io.read_checkpoint`
+        (plain data only, local or ``http(s)://``) and write them atomically, and make
+        ``sync_batchnorm=True`` work on every backend (:mod:`mdeq.lightning.sync_batchnorm`)."""
         from mdeq.lightning.checkpoint_io import use_atomic_checkpoints
+        from mdeq.lightning.sync_batchnorm import use_portable_sync_batchnorm
 
         use_atomic_checkpoints(self.trainer)
+        use_portable_sync_batchnorm(self.trainer)  # sync_batchnorm=True works on CPU/gloo too
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
