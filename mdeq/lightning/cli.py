@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +90,27 @@ class MDEQCLI(LightningCLI):
             print(summary_line(results[0], best))
 
 
+def build_cli(args: list[str] | None) -> MDEQCLI:
+    """:class:`MDEQCLI` with mdeq's module and DataModule base classes, run on ``args``."""
+    return MDEQCLI(
+        DEQLightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
 def run_lightning_cli(args: list[str] | None = None) -> None:
     """Run :class:`MDEQCLI` on ``args`` (None: ``sys.argv``), then close W&B cleanly."""
     try:
-        MDEQCLI(
-            DEQLightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
+        with warnings.catch_warnings():
+            # A new fit never shares a folder with another run's checkpoints (claim_run_folder
+            # refuses it), so Lightning's "exists and is not empty" is only ever a resumed run's.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            build_cli(args)
     finally:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
@@ -125,15 +135,15 @@ def claim_run_folder(trainer: pl.Trainer, ckpt_path: Any) -> None:
     another run's checkpoints would mix its files with them (Lightning only warns and writes
     ``best-epoch=0-v1.ckpt`` beside the old ``last.ckpt``): refused, with the two ways on. A second
     ``fit`` while one is running there is refused too (a lock file with the owner's pid; a lock
-    left by a killed process is taken over). Checked by global rank 0 only: other DDP ranks start
-    after it, and would otherwise see its lock."""
-    if not _first_rank():
-        return
+    left by a killed process is taken over). Every DDP rank checks for earlier checkpoints (before
+    the process group forms, nothing of this run is written yet, so all ranks agree); only global
+    rank 0 takes the lock (the other ranks would see it as someone else's)."""
     folders = sorted({Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath})
     if not folders:
         return
-    for folder in folders:
-        lock = folder / ".fit.lock"
+    first = _first_rank()
+    for folder in folders if first else []:
+        lock = lock_file(folder)
         try:
             owner = int(lock.read_text().strip() or 0)
         except (OSError, ValueError):
@@ -150,11 +160,17 @@ def claim_run_folder(trainer: pl.Trainer, ckpt_path: Any) -> None:
                     f"continue that run with --ckpt_path last, or start a new one in its own folder with "
                     f"--trainer.default_root_dir {root.parent / (root.name + '-2')} (or delete {root})"
                 )
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = folder / ".fit.lock"
+    for folder in folders if first else []:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_file(folder)
         lock.write_text(f"{os.getpid()}\n")
         atexit.register(_release, lock)
+
+
+def lock_file(folder: Path) -> Path:
+    """The lock of a checkpoint folder: beside it, not in it (Lightning warns about any file in a
+    checkpoint folder that a run starts with)."""
+    return folder.with_name(f".{folder.name}.fit.lock")
 
 
 def _release(lock: Path) -> None:

@@ -208,7 +208,8 @@ def test_a_second_fit_never_mixes_its_files_into_another_runs_folder(tmp_path, c
     assert "already holds the checkpoints of an earlier run" in err and "--ckpt_path last" in err and "mdeq_digits-2" in err
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.ckpt")} == before  # nothing written, nothing mixed
     assert _fit_digits("--ckpt_path", "last", "--trainer.max_epochs", "2") == 0  # continuing the run is fine
-    assert not (folder / ".fit.lock").exists() or (folder / ".fit.lock").read_text().strip() == str(os.getpid())
+    lock = folder.with_name(".checkpoints.fit.lock")
+    assert not lock.exists() or lock.read_text().strip() == str(os.getpid())
 
 
 def test_a_fit_running_in_a_folder_locks_it(tmp_path, capsys):
@@ -218,7 +219,7 @@ def test_a_fit_running_in_a_folder_locks_it(tmp_path, capsys):
     folder.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (folder / ".fit.lock").write_text(f"{sleeper.pid}\n")
+        folder.with_name(".checkpoints.fit.lock").write_text(f"{sleeper.pid}\n")
         assert main(["fit", *DIGITS_ARGS, "--trainer.max_steps", "1"]) == 2
         assert f"another mdeq fit (process {sleeper.pid}) is writing to" in capsys.readouterr().err
     finally:
