@@ -4,7 +4,6 @@ a few mdeq commands (demo, solvers, models)."""
 from __future__ import annotations
 
 import sys
-from typing import Any
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

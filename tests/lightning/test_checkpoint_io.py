@@ -181,7 +181,7 @@ def test_a_checkpoint_url_carrying_code_is_refused_on_every_path(tmp_path, loopb
 
 def test_plain_trainer_reads_checkpoints_safely(tmp_path):
     """Without the CLI: the module's setup hook gives a plain Trainer the safe, atomic checkpoint IO."""
-    from mdeq.lightning import ClassificationModule, DigitsDataModule
+    from mdeq.lightning import ClassificationModule
 
     module = ClassificationModule(backbone="mdeq_digits", backbone_kwargs={"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16})
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,9 @@ SMALL = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16}
 
 
 @pytest.fixture
-def private_zoo(tmp_path, monkeypatch):
-    """A private copy of mdeq_digits' weights and card under MDEQ_CHECKPOINTS; returns (weights, card)."""
-    src = zoo.entry("mdeq_digits").weights_path()
-    for f in (src, src.with_suffix(".json")):
-        shutil.copy(f, tmp_path / f.name)
-    monkeypatch.setenv("MDEQ_CHECKPOINTS", str(tmp_path))
-    return tmp_path / src.name, tmp_path / src.with_suffix(".json").name
+def private_zoo(shipped_copy):
+    """(weights, card) of a private copy of mdeq_digits under MDEQ_CHECKPOINTS."""
+    return shipped_copy, shipped_copy.with_suffix(".json")
 
 
 def _edit_card(card_path: Path, **changes) -> None:

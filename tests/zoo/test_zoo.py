@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -117,17 +116,6 @@ def test_same_weights_through_timm():
 
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(timm.create_model("mdeq_digits", pretrained=True)(x), zoo.create("mdeq_digits", pretrained=True)(x))
-
-
-@pytest.fixture
-def shipped_copy(tmp_path, monkeypatch):
-    """A private copy of the shipped files that tests may damage."""
-    src = zoo.entry("mdeq_digits").weights_path()
-    for f in (src, src.with_suffix(".json")):
-        shutil.copy(f, tmp_path / f.name)
-    monkeypatch.setenv("MDEQ_CHECKPOINTS", str(tmp_path))
-    assert checkpoint_dirs()[0] == tmp_path
-    return tmp_path / src.name
 
 
 def test_changed_bytes_are_refused(shipped_copy):
