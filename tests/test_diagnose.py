@@ -141,6 +141,8 @@ def test_fallback_chain_hands_failures_to_the_next_solver():
     assert [s.name for s in chain.solvers] == ["anderson", "broyden"]
     with pytest.raises(ValueError, match="unknown solver"):
         FallbackChain(solvers=("andersen",))
+    with pytest.raises(TypeError, match=r"takes a sequence of solvers.*got 'anderson'"):
+        FallbackChain(solvers="anderson")  # said "unknown solver 'a'" (it iterated the string)
     deq = DEQ(lambda z, x: -1.5 * z + x, solver=FallbackChain(solvers=("fixed_point", "ode")), tol=1e-8, max_steps=80, on_divergence="raise")
     z, sol = deq(x)
     assert sol.all_converged and sol.solver == "fallback"

@@ -25,6 +25,10 @@ class FallbackChain(Solver):
     solvers: tuple[Any, ...] = field(default_factory=lambda: ("anderson", "broyden", "ode"))
 
     def __post_init__(self) -> None:
+        if isinstance(self.solvers, (str, dict, Solver)) or not isinstance(self.solvers, (tuple, list)):
+            raise TypeError(
+                f"FallbackChain(solvers=...) takes a sequence of solvers, e.g. ('anderson', 'broyden'); got {self.solvers!r}"
+            )
         if not self.solvers:
             raise ValueError("FallbackChain needs at least one solver")
         self.solvers = tuple(get_solver(s) for s in self.solvers)
