@@ -64,22 +64,25 @@ def solve_equilibrium(
         with torch.no_grad():
             forward = solver.solve(f, z0.detach(), **solve_kwargs)  # type: ignore[arg-type]
 
-    if on_divergence != "ignore" and not bool(forward.converged.all()):
-        msg = nonconvergence_message(
-            forward,
-            what=describe,
-            solver=solver.name,
-            tol=tol,
-            stop_mode=stop_mode,
-            max_steps=max_steps,
-            low_precision=autocast_dtype(z0.device),
-        )
-        report_nonconvergence(msg, on_divergence, kind=describe, throttle=throttle, solution=forward)
+    def check() -> None:  # once per solve, after the output exists (one host read)
+        if on_divergence != "ignore" and not bool(forward.converged.all()):
+            msg = nonconvergence_message(
+                forward,
+                what=describe,
+                solver=solver.name,
+                tol=tol,
+                stop_mode=stop_mode,
+                max_steps=max_steps,
+                low_precision=autocast_dtype(z0.device),
+            )
+            report_nonconvergence(msg, on_divergence, kind=describe, throttle=throttle, solution=forward)
 
     record = BackwardRecord()
     jacobian_loss = None
     if not grad_on:
         output = f(forward.z)
+        flag_nonfinite_output(forward, output)
+        check()
         return EquilibriumResult(output, forward, None, record)
 
     ctx = BackwardContext(
@@ -95,9 +98,22 @@ def solve_equilibrium(
     )
     need_jacobian = jacobian_regularization is not None
     output, z_leaf, fz_leaf = backward.attach(f, forward.z, ctx, need_jacobian)
+    flag_nonfinite_output(forward, output)
+    check()
     if jacobian_regularization is not None:
         if z_leaf is None or fz_leaf is None:
             z_leaf = forward.z.detach().requires_grad_()
             fz_leaf = f(z_leaf)
         jacobian_loss = jacobian_regularization(f, z_leaf, fz_leaf)
     return EquilibriumResult(output, forward, jacobian_loss, record)
+
+
+def flag_nonfinite_output(forward: SolverResult, output: Tensor) -> None:
+    """f evaluated once more at the returned iterate (the layer's output) can still give NaN/Inf
+    although every iterate of the solve was finite; such samples are not converged, but diverged
+    (``nonfinite_output``), so they are reported instead of returned as a converged Inf. No host
+    read here: the flags stay on the device until the one check of the solve."""
+    bad = ~torch.isfinite(output.detach()).all(dim=1)
+    forward.nonfinite_output = bad
+    forward.converged = forward.converged & ~bad
+    forward.diverged = forward.diverged | bad

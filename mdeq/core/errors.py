@@ -85,6 +85,13 @@ def nonconvergence_message(
         f"(solver={solver}, {result.nsteps} steps of max_steps={max_steps}, {result.nfe} f-evaluations, "
         f"tol={tol:g} {stop_mode}): {res_txt}."
     ]
+    if result.nonfinite_output is not None and bool(result.nonfinite_output.any()):
+        k = int(result.nonfinite_output.sum())
+        parts.append(
+            f"f returned NaN/Inf when evaluated once more at the returned iterate for {k} sample(s), although the "
+            "solve itself stayed finite: f is numerically unstable at that point (overflow in f, e.g. exp or a "
+            "division); those samples are reported as diverged instead of being returned as a converged NaN/Inf."
+        )
     if result.nonfinite_at_start.any():
         k = int(result.nonfinite_at_start.sum())
         parts.append(

@@ -50,6 +50,8 @@ class SolverResult:
     """Number of loop iterations run."""
     trace: Tensor | None = None
     """Residual (stop mode) per iteration, shape (nsteps, batch), when recorded."""
+    nonfinite_output: Tensor | None = None
+    """Per-sample bool, set by the layer: f at the returned iterate gave NaN/Inf (then not converged)."""
 
 
 class _CountedMap:
