@@ -148,11 +148,11 @@ def jacobian_frobenius(
                 prod = torch.zeros_like(z)
         elif backend == "finite_diff":
             zd = z.detach()
-            h = fd_eps if fd_eps is not None else torch.finfo(z.dtype).eps ** 0.5 * (1.0 + float(zd.abs().max()))
+            h = fd_eps if fd_eps is not None else torch.finfo(z.dtype).eps ** 0.5 * (1.0 + (float(zd.abs().max()) if zd.numel() else 0.0))
             prod = (f(zd + h * eps) - fz) / h
         else:
             raise ValueError(f"unknown Jacobian backend {backend!r}; choose from {BACKENDS}")
-        total = total + prod.pow(2).sum(dim=1).mean() / dim
+        total = total + prod.pow(2).sum() / (max(prod.shape[0], 1) * dim)  # the batch mean; an empty batch gives 0, not NaN
     return total / n_probes
 
 

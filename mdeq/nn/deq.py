@@ -322,7 +322,8 @@ class DEQ(nn.Module):
         )
         skip_loss = None
         if self.learned_init:
-            skip_loss = (z0_flat - result.forward.z.detach()).pow(2).mean()
+            gap = z0_flat - result.forward.z.detach()
+            skip_loss = gap.pow(2).sum() / max(gap.numel(), 1)  # the mean; an empty batch gives 0, not NaN
         z_star = packer.unpack(result.output)
         fwd = result.forward
         converged = fwd.converged

@@ -308,3 +308,16 @@ def test_repeated_warnings_are_thinned_and_point_at_the_caller():
     assert len(msgs) == 4  # occurrences 1, 2, 4, 8
     assert "#8" in str(msgs[-1].message)
     assert all(w.filename == __file__ for w in msgs)
+
+
+@pytest.mark.parametrize("backend", ["vjp", "jvp", "finite_diff"])
+def test_an_empty_batch_gives_zero_auxiliary_losses_not_nan(backend):
+    """Issue #28's sweep: batch size 0 gave NaN skip and Jacobian losses (a mean over nothing)."""
+    from mdeq import SkipDEQ, TanhCell
+
+    deq = SkipDEQ(TanhCell(4, 4), nn.Linear(4, 4), state_shape=(4,), jacobian_regularization=backend).train()
+    z, sol = deq(torch.randn(0, 4))
+    assert z.shape == (0, 4) and float(sol.skip_loss) == 0.0 and float(sol.jacobian_loss) == 0.0
+    (sol.skip_loss + sol.jacobian_loss).backward()  # still differentiable
+    full_z, full = deq(torch.randn(3, 4))
+    assert float(full.skip_loss) > 0 and float(full.jacobian_loss) > 0
