@@ -13,6 +13,7 @@ from mdeq.core.equilibrium import solve_equilibrium
 from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy
 from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
 from mdeq.core.neural_ode import NeuralODE
+from mdeq.core.options import OptionError, check_option, choice, integer, real
 from mdeq.core.packing import State, StatePacker
 from mdeq.core.solution import DEQSolution
 from mdeq.core.solvers import FixedPoint, SolverSpec, get_solver
@@ -65,6 +66,15 @@ def _first_param(module: Any) -> Tensor | None:
         for p in module.parameters():
             return p
     return None
+
+
+DEQ_OPTION_RULES = {
+    "stop_mode": choice("rel", "abs"),
+    "max_steps": integer(1, 1_000_000),
+    "tol": real(0.0),
+    "divergence_factor": real(1.0, low_open=True, allow_inf=True),
+}
+"""The DEQ layer's solve options and what each must be (see :mod:`mdeq.core.options`)."""
 
 
 class DEQ(nn.Module):
@@ -132,14 +142,8 @@ class DEQ(nn.Module):
         self.f = f
         self.solver = get_solver(solver)
         self.backward_mode = get_backward(backward)
-        if stop_mode not in ("rel", "abs"):
-            raise ValueError(f"stop_mode must be 'rel' or 'abs', got {stop_mode!r}")
-        if not (isinstance(max_steps, int) and max_steps >= 1):
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
-        if not divergence_factor > 1:
-            raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+        for name, value in (("stop_mode", stop_mode), ("max_steps", max_steps), ("tol", tol), ("divergence_factor", divergence_factor)):
+            check_option("DEQ", name, value, DEQ_OPTION_RULES[name])
         self.tol = float(tol)
         self.max_steps = max_steps
         self.stop_mode = stop_mode
@@ -162,12 +166,15 @@ class DEQ(nn.Module):
     def _packer_for(state_shape: Any) -> StatePacker | None:
         if state_shape is None:
             return None
+        if isinstance(state_shape, (str, bytes)) or not isinstance(state_shape, Sequence):
+            raise OptionError(f"DEQ option 'state_shape' must be a per-sample shape (a tuple of sizes >= 1) or a tuple of shapes, got {state_shape!r}")
         shape = tuple(state_shape)
-        if all(isinstance(d, int) for d in shape):
+        size = lambda d: isinstance(d, int) and not isinstance(d, bool) and d >= 1  # noqa: E731
+        if all(size(d) for d in shape):
             return StatePacker([shape], is_tuple=False)
-        if all(isinstance(s, (tuple, list)) and all(isinstance(d, int) for d in s) for s in shape):
+        if shape and all(isinstance(s, (tuple, list)) and s and all(size(d) for d in s) for s in shape):
             return StatePacker(shape, is_tuple=True)
-        raise ValueError(f"state_shape must be a per-sample shape or a tuple of shapes, got {state_shape!r}")
+        raise OptionError(f"DEQ option 'state_shape' must be a per-sample shape (a tuple of sizes >= 1) or a tuple of shapes, got {state_shape!r}")
 
     @property
     def learned_init(self) -> bool:

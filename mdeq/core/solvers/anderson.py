@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from mdeq.core.options import MAX_HISTORY, Rule, check_options, integer, real
 from mdeq.core.solvers.base import Map, Solver, select_rows
 from mdeq.core.solvers.registry import register_solver
 
@@ -28,13 +29,12 @@ class Anderson(Solver):
     beta: float = 1.0
     lam: float = 1e-4
 
+    option_rules: ClassVar[dict[str, Rule]] = {
+        "m": integer(1, MAX_HISTORY), "beta": real(0.0, 1.0, low_open=True), "lam": real(0.0),
+    }
+
     def __post_init__(self) -> None:
-        if self.m < 1:
-            raise ValueError(f"Anderson memory m must be >= 1, got {self.m}")
-        if not 0.0 < self.beta <= 1.0:
-            raise ValueError(f"Anderson beta must be in (0, 1], got {self.beta}")
-        if self.lam < 0:
-            raise ValueError(f"Anderson lam must be >= 0, got {self.lam}")
+        check_options("Anderson", self, self.option_rules)
 
     def init_state(self, z0: Tensor) -> Any:
         # Without autograd the history lives in preallocated ring buffers written in place; under

@@ -311,12 +311,11 @@ def validate_solve_args(z0: Tensor, *, tol: float, max_steps: int, stop_mode: st
         raise ValueError(f"solvers take a flat state of shape (batch, dim); got {shape}")
     if not z0.dtype.is_floating_point:
         raise TypeError(f"the state must be floating point, got dtype {z0.dtype}")
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
-    if not (isinstance(max_steps, int) and max_steps >= 1):
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite non-negative number, got {tol!r}")
+    from mdeq.core.options import check_option, choice, integer, real
+
+    check_option("solve", "stop_mode", stop_mode, choice(*STOP_MODES))
+    check_option("solve", "max_steps", max_steps, integer(1))
+    check_option("solve", "tol", tol, real(0.0))
 
 
 def batched_dot(a: Tensor, b: Tensor) -> Tensor:

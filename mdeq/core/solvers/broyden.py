@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from mdeq.core.options import MAX_HISTORY, Rule, check_options, integer, real
 from mdeq.core.solvers import base
 from mdeq.core.solvers.base import Map, Solver, batched_dot, select_rows
 from mdeq.core.solvers.registry import register_solver
@@ -34,13 +35,12 @@ class Broyden(Solver):
     step_size: float = 1.0
     restart_factor: float = 2.0
 
+    option_rules: ClassVar[dict[str, Rule]] = {
+        "memory": integer(1, MAX_HISTORY), "step_size": real(0.0, 1.0, low_open=True), "restart_factor": real(1.0, low_open=True),
+    }
+
     def __post_init__(self) -> None:
-        if not self.restart_factor > 1.0:
-            raise ValueError(f"Broyden restart_factor must be > 1, got {self.restart_factor}")
-        if self.memory < 1:
-            raise ValueError(f"Broyden memory must be >= 1, got {self.memory}")
-        if not 0.0 < self.step_size <= 1.0:
-            raise ValueError(f"Broyden step_size must be in (0, 1], got {self.step_size}")
+        check_options("Broyden", self, self.option_rules)
 
     def init_state(self, z0: Tensor) -> Any:
         # Without autograd the low-rank factors live in ring buffers written in place (only the

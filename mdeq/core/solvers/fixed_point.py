@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
+from mdeq.core.options import Rule, check_options, real
 from mdeq.core.solvers.base import Map, Solver
 from mdeq.core.solvers.registry import register_solver
 
@@ -19,9 +20,10 @@ class FixedPoint(Solver):
     name = "fixed_point"
     damping: float = 0.0
 
+    option_rules: ClassVar[dict[str, Rule]] = {"damping": real(0.0, 1.0, high_open=True)}
+
     def __post_init__(self) -> None:
-        if not 0.0 <= self.damping < 1.0:
-            raise ValueError(f"FixedPoint damping must be in [0, 1), got {self.damping}")
+        check_options("FixedPoint", self, self.option_rules)
 
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
         if self.damping == 0.0:

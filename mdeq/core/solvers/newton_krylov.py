@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from mdeq.core.options import MAX_HISTORY, Rule, check_options, choice, integer, real
 from mdeq.core.solvers.base import Map, Solver
 from mdeq.core.solvers.gmres import gmres
 from mdeq.core.solvers.registry import register_solver
@@ -33,13 +34,13 @@ class NewtonKrylov(Solver):
     step_size: float = 1.0
     jvp: str = "auto"
 
+    option_rules: ClassVar[dict[str, Rule]] = {
+        "krylov_dim": integer(1, MAX_HISTORY), "krylov_tol": real(0.0, 1.0, low_open=True, high_open=True),
+        "step_size": real(0.0, 1.0, low_open=True), "jvp": choice(*JVP_MODES),
+    }
+
     def __post_init__(self) -> None:
-        if self.jvp not in JVP_MODES:
-            raise ValueError(f"NewtonKrylov jvp must be one of {JVP_MODES}, got {self.jvp!r}")
-        if self.krylov_dim < 1:
-            raise ValueError(f"NewtonKrylov krylov_dim must be >= 1, got {self.krylov_dim}")
-        if not 0.0 < self.step_size <= 1.0:
-            raise ValueError(f"NewtonKrylov step_size must be in (0, 1], got {self.step_size}")
+        check_options("NewtonKrylov", self, self.option_rules)
 
     def init_state(self, z0: Tensor) -> Any:
         return {"jvp": self.jvp}

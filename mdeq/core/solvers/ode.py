@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from mdeq.core.options import Rule, check_options, real
 from mdeq.core.solvers.base import Map, Solver
 from mdeq.core.solvers.registry import register_solver
 
@@ -91,9 +92,17 @@ class ODESteadyState(Solver):
     h0: float | None = None
     reject_ratio: float = 2.0
 
+    option_rules: ClassVar[dict[str, Rule]] = {
+        "rtol": real(0.0), "atol": real(0.0), "max_time": real(0.0, low_open=True, allow_inf=True),
+        "safety": real(0.0, 1.0, low_open=True), "min_factor": real(0.0, 1.0, low_open=True, high_open=True),
+        "max_factor": real(1.0, low_open=True), "reject_ratio": real(1.0, low_open=True),
+        "h0": real(0.0, low_open=True, optional=True),
+    }
+
     def __post_init__(self) -> None:
         if self.method not in _TABLEAUS:
             raise ValueError(f"unknown ODE method {self.method!r}; choose from {sorted(_TABLEAUS)}")
+        check_options("ODESteadyState", self, self.option_rules)
         if self.rtol <= 0 and self.atol <= 0:
             raise ValueError("ODESteadyState needs rtol > 0 or atol > 0")
         if not 0 < self.min_factor < 1 < self.max_factor:
