@@ -24,6 +24,7 @@ from mdeq.core.errors import (
 )
 from mdeq.core.solution import BackwardRecord, BackwardStats
 from mdeq.core.solvers import Solver, SolverSpec, get_solver
+from mdeq.core.solvers.base import linear_algebra_dtype
 
 Map = Callable[[Tensor], Tensor]
 
@@ -55,7 +56,8 @@ def _dense_solve(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> tuple[Tensor,
     eye = torch.eye(d, dtype=grad.dtype, device=grad.device)
     rows = [vjp(eye[i].expand(b, d).contiguous()) for i in range(d)]  # rows[i] = e_i^T J (per sample)
     jac = torch.stack(rows, dim=1)  # (b, d, d): jac[:, i, :] = J[i, :]
-    g = torch.linalg.solve(eye - jac.transpose(1, 2), grad[..., None])[..., 0]
+    wide = linear_algebra_dtype(grad.dtype)  # float16/bfloat16: the LU in float32
+    g = torch.linalg.solve((eye - jac.transpose(1, 2)).to(wide), grad[..., None].to(wide))[..., 0].to(grad.dtype)
     res = torch.linalg.vector_norm(g - vjp(g) - grad, dim=1) / torch.linalg.vector_norm(grad, dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
     return g, res
 

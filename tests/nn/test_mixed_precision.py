@@ -91,3 +91,24 @@ def test_a_tolerance_below_the_low_precision_floor_is_explained() -> None:
         DEQ(ConvResidualCell(8, 16, num_groups=4), solver="anderson", tol=1e-9, max_steps=3)(x)
     assert not any("autocast" in str(w.message) for w in record)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point", "newton_krylov"])
+@pytest.mark.parametrize("linear_solver", ["dense", "gmres"])
+def test_pure_half_precision_models_solve_and_differentiate(dtype, solver, linear_solver):
+    """A model wholly in float16/bfloat16 (no autocast) failed inside torch's LU ("lu_cpu" not
+    implemented for 'Half') with no hint (issue #28): the small dense systems are solved in float32."""
+    from mdeq import DEQ, TanhCell
+
+    torch.manual_seed(0)
+    cell = TanhCell(4, 4, weight_scale=0.5)
+    x = torch.randn(3, 4)
+    reference, _ = DEQ(cell, solver=solver, state_shape=(4,), tol=1e-6, max_steps=60)(x)
+    half = DEQ(cell.to(dtype), solver=solver, backward={"name": "implicit", "linear_solver": linear_solver}, state_shape=(4,), tol=2e-2, max_steps=60)
+    xh = x.to(dtype).requires_grad_()
+    z, sol = half(xh)
+    z.float().sum().backward()
+    assert z.dtype == dtype and bool(sol.converged.all())
+    torch.testing.assert_close(z.float(), reference, rtol=0, atol=0.1)
+    assert xh.grad is not None and bool(torch.isfinite(xh.grad).all())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mdeq.core.options import MAX_HISTORY, Rule, check_options, integer, real
-from mdeq.core.solvers.base import Map, Solver, select_rows
+from mdeq.core.solvers.base import Map, Solver, linear_algebra_dtype, select_rows
 from mdeq.core.solvers.registry import register_solver
 
 
@@ -84,12 +84,13 @@ class Anderson(Solver):
         eye = torch.eye(n, dtype=GG.dtype, device=GG.device)
         A = GG + (self.lam * scale + torch.finfo(GG.dtype).tiny)[:, None, None] * eye
         ones = torch.ones(GG.shape[0], n, 1, dtype=GG.dtype, device=GG.device)
-        w, info = torch.linalg.solve_ex(A, ones)
+        wide = linear_algebra_dtype(GG.dtype)  # float16/bfloat16 states: the m x m solve in float32
+        w, info = torch.linalg.solve_ex(A.to(wide), ones.to(wide))
         w = w[..., 0]
         total = w.sum(dim=1, keepdim=True)
         alpha = w / total
         ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & (total[:, 0].abs() > 0)
-        coeff = alpha[:, None, :]  # (b, 1, n): weighted sums over the history as batched products
+        coeff = alpha[:, None, :].to(F.dtype)  # (b, 1, n): weighted sums over the history as batched products
         mixed = torch.bmm(coeff, F)[:, 0]
         if self.beta != 1.0:
             mixed = self.beta * mixed + (1.0 - self.beta) * torch.bmm(coeff, X)[:, 0]

@@ -318,6 +318,13 @@ def validate_solve_args(z0: Tensor, *, tol: float, max_steps: int, stop_mode: st
     check_option("solve", "tol", tol, real(0.0))
 
 
+def linear_algebra_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype small dense systems (Anderson's m x m, GMRES's triangle, the dense backward) are
+    solved in: float32 for float16/bfloat16 states, which torch's LU and triangular solves do not
+    take (and whose precision would not do), else the state's own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def batched_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product of two (batch, dim) tensors."""
     return (a * b).sum(dim=1)

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from mdeq.core.solvers.base import _StopCheck, batched_dot
+from mdeq.core.solvers.base import _StopCheck, batched_dot, linear_algebra_dtype
 
 
 def gmres(
@@ -75,6 +75,7 @@ def gmres(
     R = R + torch.diag_embed(torch.where(bad, torch.ones_like(diag), torch.zeros_like(diag)))
     rhs = torch.stack(g[:k], dim=1)
     rhs = torch.where(bad | ~keep, torch.zeros_like(rhs), rhs)
-    y = torch.linalg.solve_triangular(R, rhs[:, :, None], upper=True)[..., 0]
+    wide = linear_algebra_dtype(R.dtype)  # float16/bfloat16: the triangular solve in float32
+    y = torch.linalg.solve_triangular(R.to(wide), rhs[:, :, None].to(wide), upper=True)[..., 0].to(R.dtype)
     x = (y[:, :, None] * torch.stack(basis[:k], dim=1)).sum(dim=1)
     return x, res / safe_beta, k
