@@ -1,7 +1,8 @@
 """How gradients pass through an equilibrium: implicit (IFT), phantom, or unrolled.
 
 Each mode is a small dataclass with :meth:`Backward.attach`, which takes the solver's z* and
-returns the layer output f(z*) wired for gradients. The forward solve itself is done elsewhere
+returns it as the layer output, wired for gradients (the value is z* itself, whose residual the
+solution record reports; only the gradient differs between modes). The forward solve itself is done elsewhere
 (:mod:`mdeq.core.equilibrium`), once, for all modes.
 """
 
@@ -129,13 +130,14 @@ class ImplicitBackward(Backward):
 
 
 class _ImplicitGradient(torch.autograd.Function):
-    """Identity in forward; in backward replaces the incoming gradient by (I - J^T)^-1 grad."""
+    """Returns the value of z* in forward; in backward replaces the incoming gradient by
+    (I - J^T)^-1 grad and sends it into f(z*)'s graph (to x and f's parameters)."""
 
     @staticmethod
     def forward(ctx: Any, fz: Tensor, z_leaf: Tensor, settings: BackwardContext) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(fz, z_leaf)
         ctx.settings = settings
-        return fz.view_as(fz)
+        return z_leaf.detach().clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
@@ -231,7 +233,8 @@ class PhantomBackward(Backward):
                     fz0 = fz
                 z = fz if self.damping == 0.0 else self.damping * z + (1.0 - self.damping) * fz
         ctx.record.stats = BackwardStats(mode="phantom", nfe=self.steps, nsteps=self.steps)
-        return z, (z_leaf if need_jacobian else None), (fz0 if need_jacobian else None)
+        out = z_star.detach() + (z - z.detach())  # the value of z*, the phantom iterate's gradient
+        return out, (z_leaf if need_jacobian else None), (fz0 if need_jacobian else None)
 
 
 @dataclass
@@ -249,10 +252,8 @@ class UnrolledBackward(Backward):
     differentiates_solver = True
 
     def attach(self, f: Map, z_star: Tensor, ctx: BackwardContext, need_jacobian: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        with torch.enable_grad():
-            out = f(z_star)
         ctx.record.stats = BackwardStats(mode="unrolled")
-        return out, None, None
+        return z_star, None, None  # the solver's iterate, differentiable through every step
 
 
 _BACKWARDS: dict[str, type[Backward]] = {

@@ -44,10 +44,13 @@ def solve_equilibrium(
     throttle: WarningThrottle | None = None,
     early_stop: bool = True,
 ) -> EquilibriumResult:
-    """Find z* = f(z*) from the flat initial guess ``z0`` (batch, dim) and return f(z*).
+    """Find z* = f(z*) from the flat initial guess ``z0`` (batch, dim) and return z*.
 
-    The solve runs without autograd (except for the unrolled backward). Gradients of the
-    returned output follow ``backward``. When ``jacobian_regularization`` is given and autograd
+    The output is the solver's returned iterate itself, the one whose residual the record
+    reports (``forward.residual``), not one more application of f (which, for an expansive map
+    solved by a root finder, would be farther from the equilibrium than reported). The solve
+    runs without autograd (except for the unrolled backward). Gradients of the returned output
+    follow ``backward``. When ``jacobian_regularization`` is given and autograd
     is on, its estimate at z* is returned, differentiable. Samples that do not converge are
     reported according to ``on_divergence`` ("warn", "raise" or "ignore"); ``throttle`` thins
     out repeated warnings.
@@ -79,11 +82,9 @@ def solve_equilibrium(
 
     record = BackwardRecord()
     jacobian_loss = None
-    if not grad_on:
-        output = f(forward.z)
-        flag_nonfinite_output(forward, output)
+    if not grad_on:  # the iterate's f(z) was finite when the solver measured it: no f call here
         check()
-        return EquilibriumResult(output, forward, None, record)
+        return EquilibriumResult(forward.z, forward, None, record)
 
     ctx = BackwardContext(
         solver=solver,
@@ -98,7 +99,8 @@ def solve_equilibrium(
     )
     need_jacobian = jacobian_regularization is not None
     output, z_leaf, fz_leaf = backward.attach(f, forward.z, ctx, need_jacobian)
-    flag_nonfinite_output(forward, output)
+    if fz_leaf is not None:  # f evaluated again for the backward (e.g. a stateful f): still finite?
+        flag_nonfinite_output(forward, fz_leaf)
     check()
     if jacobian_regularization is not None:
         if z_leaf is None or fz_leaf is None:
@@ -108,12 +110,12 @@ def solve_equilibrium(
     return EquilibriumResult(output, forward, jacobian_loss, record)
 
 
-def flag_nonfinite_output(forward: SolverResult, output: Tensor) -> None:
-    """f evaluated once more at the returned iterate (the layer's output) can still give NaN/Inf
-    although every iterate of the solve was finite; such samples are not converged, but diverged
-    (``nonfinite_output``), so they are reported instead of returned as a converged Inf. No host
-    read here: the flags stay on the device until the one check of the solve."""
-    bad = ~torch.isfinite(output.detach()).all(dim=1)
+def flag_nonfinite_output(forward: SolverResult, fz: Tensor) -> None:
+    """f evaluated once more at the returned iterate (for the backward's graph) can still give
+    NaN/Inf although the solve measured it finite (an f that is not a pure function); such
+    samples are not converged, but diverged (``nonfinite_output``): their gradients would be
+    NaN. No host read here: the flags stay on the device until the one check of the solve."""
+    bad = ~torch.isfinite(fz.detach()).all(dim=1)
     forward.nonfinite_output = bad
     forward.converged = forward.converged & ~bad
     forward.diverged = forward.diverged | bad

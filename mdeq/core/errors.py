@@ -88,9 +88,19 @@ def nonconvergence_message(
     if result.nonfinite_output is not None and bool(result.nonfinite_output.any()):
         k = int(result.nonfinite_output.sum())
         parts.append(
-            f"f returned NaN/Inf when evaluated once more at the returned iterate for {k} sample(s), although the "
-            "solve itself stayed finite: f is numerically unstable at that point (overflow in f, e.g. exp or a "
-            "division); those samples are reported as diverged instead of being returned as a converged NaN/Inf."
+            f"f returned NaN/Inf when evaluated once more at the returned iterate (for the backward pass) for {k} "
+            "sample(s), although the solver measured it finite there: f is not a pure function of (z, x) or is "
+            "numerically unstable at that point (overflow, e.g. exp or a division); their gradients would be NaN, "
+            "so those samples are reported as diverged."
+        )
+    if result.runaway is not None and bool(result.runaway.any()):
+        k = int(result.runaway.sum())
+        parts.append(
+            f"For {k} sample(s) the residual fell within tol only because the iterate grew, while ||f(z) - z|| did not "
+            "fall to half its starting value: the iterate is running away (f may have no fixed point reachable from "
+            "the start, e.g. f(z) - z bounded away from 0), so these are not reported as converged. Check that "
+            "f(z, x) = z has a solution for this input (a bias or gain pushing z outward, a missing contraction), "
+            "start closer to it (init / z0), or use stop_mode='abs'."
         )
     if result.nonfinite_at_start.any():
         k = int(result.nonfinite_at_start.sum())

@@ -39,11 +39,12 @@ class DEQSolution:
     """
 
     z_star: State
-    """The equilibrium f(z*, x), carrying gradients as chosen by the backward mode."""
+    """The equilibrium z*: the solver's returned iterate, the one whose residual is reported
+    (not one more application of f), carrying gradients as chosen by the backward mode."""
     z0: State
     """The initial guess."""
     residual: Tensor
-    """Relative residual ||f(z) - z|| / ||f(z)|| per sample at the solver's z*."""
+    """Relative residual ||f(z*) - z*|| / ||f(z*)|| per sample of the returned ``z_star``."""
     abs_residual: Tensor
     """Absolute residual ||f(z) - z|| per sample."""
     nfe: int
@@ -65,6 +66,9 @@ class DEQSolution:
     trace: Tensor | None = None
     """Forward residual per iteration, shape (nsteps, batch), when ``record_trace``."""
     backward_record: BackwardRecord = field(default_factory=BackwardRecord, repr=False)
+    stability: Any = field(default=None, repr=False)
+    """The spectrum of df/dz at z* (:class:`mdeq.core.stability.Stability`), when the layer's
+    ``stability`` setting checked it on this forward."""
 
     @property
     def backward(self) -> BackwardStats | None:

@@ -50,8 +50,22 @@ class Anderson(Solver):
             "k": 0,
         }
 
+    @staticmethod
+    def _residual_scale(state: Any, z: Tensor, fz: Tensor) -> Tensor:
+        """Per-sample factor 1/max|f(z0) - z0| the residuals are stored with (b, 1): the mixing
+        weights do not depend on it, but the Gram matrix of raw residuals at the scale 1e-23
+        (or 1e23) would underflow (overflow) in float32."""
+        if "scale" not in state:
+            peak = (fz - z).detach().abs().amax(dim=1, keepdim=True)
+            info = torch.finfo(z.dtype)
+            scale = peak.reciprocal().clamp_max(info.max)
+            state["scale"] = torch.where((peak > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+        return state["scale"]
+
     def _history(self, state: Any, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Append (z, f(z)); return X, F (b, n, d) and the Gram matrix G G^T (b, n, n)."""
+        """Append (z, f(z)); return X, F (b, n, d) and the Gram matrix G G^T (b, n, n) of the
+        scaled residuals G = (F - X) * scale."""
+        scale = self._residual_scale(state, z, fz)
         k = state["k"]
         state["k"] = k + 1
         n = min(k + 1, self.m)
@@ -62,13 +76,13 @@ class Anderson(Solver):
             if len(xs) > self.m:
                 del xs[0], fs[0]
             X, F = torch.stack(xs, dim=1), torch.stack(fs, dim=1)
-            G = F - X
+            G = (F - X) * scale[:, :, None]
             return X, F, G @ G.transpose(1, 2)
         X, F, G, GG = state["X"], state["F"], state["G"], state["GG"]
         slot = k % self.m
         X[:, slot].copy_(z)
         F[:, slot].copy_(fz)
-        G[:, slot].copy_(fz).sub_(z)  # in place, no temporary (sub(out=<view>) does not compile)
+        G[:, slot].copy_(fz).sub_(z).mul_(scale)  # in place, no temporary (sub(out=<view>) does not compile)
         row = (G[:, :n] @ G[:, slot, :, None])[..., 0]  # only the new row/column of G G^T changes
         GG[:, slot, :n] = row
         GG[:, :n, slot] = row

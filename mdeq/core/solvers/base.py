@@ -12,6 +12,7 @@ that may carry gradients, so the same code also runs under autograd (the "unroll
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar
@@ -52,18 +53,37 @@ class SolverResult:
     """Residual (stop mode) per iteration, shape (nsteps, batch), when recorded."""
     nonfinite_output: Tensor | None = None
     """Per-sample bool, set by the layer: f at the returned iterate gave NaN/Inf (then not converged)."""
+    runaway: Tensor | None = None
+    """Per-sample bool: some iterate met ``tol`` only because it had grown, not because
+    ||f(z) - z|| fell (a runaway; see :class:`ConvergenceTracker`), so it was not accepted."""
+    origin: tuple[Tensor, Tensor] | None = None
+    """(first residual ||f(z0) - z0||, start scale max(||z0||, ||f(z0)||)) per sample: what the
+    runaway guard measured progress against; a solve that continues this one (FallbackChain)
+    passes it on, so a restart from a runaway iterate is not a fresh start."""
 
 
 class _CountedMap:
-    """Wraps f and counts its evaluations."""
+    """Wraps f and counts its evaluations; f runs under the autocast state of the caller while
+    the solver's own arithmetic (mixing, least squares, updates) runs with autocast off, in the
+    state's precision (see :meth:`Solver.solve`)."""
 
-    def __init__(self, f: Map) -> None:
+    def __init__(self, f: Map, device: torch.device) -> None:
         self.f = f
         self.nfe = 0
+        self.device_type = device.type
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(self.device_type) if self.autocast else None
 
     def __call__(self, z: Tensor) -> Tensor:
         self.nfe += 1
-        return self.f(z)
+        if not self.autocast:
+            return self.f(z)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            return self.f(z)
+
+    def solver_arithmetic(self) -> Any:
+        """A context in which autocast is off (a no-op when it was off already)."""
+        return torch.autocast(self.device_type, enabled=False) if self.autocast else contextlib.nullcontext()
 
 
 class _StopCheck:
@@ -124,8 +144,56 @@ def select_rows(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(mask[:, None], a, b)
 
 
+RESIDUAL_DTYPE = torch.float64
+"""Residuals and the per-sample bookkeeping are kept in float64 whatever the state's dtype."""
+
+PROGRESS_TO_CONVERGE = 0.5
+"""Once an iterate has outgrown its start, it counts as converged only if its residual (plus
+the rounding floor) is at most this fraction of the first residual (see ConvergenceTracker)."""
+
+
+def row_norms(v: Tensor) -> Tensor:
+    """Per-row 2-norms of a (batch, dim) tensor in float64, without underflow or overflow.
+
+    Squares of float32 entries underflow below about 1e-19 and overflow above 1e19, so a plain
+    norm of a state at the scale 1e-23 is 0 (a false "converged"). Float64 holds every float32,
+    float16 and bfloat16 square. On the CPU the plain norm is taken first and only rows in the
+    unsafe range are recomputed in float64 (a free host read); on accelerators the norm is
+    accumulated in float64 directly, with no read. Float64 states use the plain norm (safe for
+    entries between about 1e-150 and 1e150).
+    """
+    if v.dtype == RESIDUAL_DTYPE:
+        return torch.linalg.vector_norm(v, dim=1)
+    if not host_reads_are_free(v):
+        return torch.linalg.vector_norm(v, dim=1, dtype=RESIDUAL_DTYPE)
+    n = torch.linalg.vector_norm(v, dim=1)
+    info = torch.finfo(v.dtype)
+    # entries below sqrt(tiny) square to 0: their total is at most sqrt(dim * tiny), negligible
+    # (under eps relative) only for norms above this floor
+    floor = math.sqrt(max(v.shape[1], 1) * info.tiny) / info.eps
+    unsafe = (n < floor) | ~torch.isfinite(n)
+    n = n.to(RESIDUAL_DTYPE)
+    if bool(unsafe.any()):
+        n = torch.where(unsafe, torch.linalg.vector_norm(v, dim=1, dtype=RESIDUAL_DTYPE), n)
+    return n
+
+
 class ConvergenceTracker:
-    """Per-sample residuals, best iterate, convergence and divergence, shared by all solvers."""
+    """Per-sample residuals, best iterate, convergence and divergence, shared by all solvers.
+
+    What "converged" means: the residual (relative ||f(z)-z|| / ||f(z)||, or absolute) is at most
+    ``tol``, and, once the iterate has outgrown its start (||f(z)|| above max(||z0||, ||f(z0)||)),
+    the solve has made real progress: ||f(z)-z|| plus its rounding floor eps * ||f(z)|| is at
+    most half of ||f(z0)-z0||. The second condition refuses runaways: a map with no fixed point
+    (f(z) - z bounded away from zero) drives the relative residual to 0 as the iterate runs off,
+    and at |z| ~ 1/eps rounding drives even the absolute one to 0; neither is an equilibrium.
+    Such samples are flagged ``runaway`` and, while no progress at all is made (residual not
+    below its start), their iterates are not taken as the best one either. A genuine solve that
+    grows far from its start (e.g. a contraction of modulus 0.99 from z0 = 0 at a loose tol) may
+    need a few more steps to halve its first residual, never fewer.
+
+    Residuals are float64 (:func:`row_norms`), so tiny and huge states are measured correctly.
+    """
 
     def __init__(
         self,
@@ -135,23 +203,27 @@ class ConvergenceTracker:
         stop_mode: str,
         divergence_factor: float,
         record_trace: bool,
+        origin: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         b = z0.shape[0]
         dev = z0.device
-        real = z0.dtype
+        self.origin = origin
         self.tol = tol
         self.rel = stop_mode == "rel"
         self.divergence_factor = divergence_factor
-        self.eps = torch.finfo(real).tiny if real.is_floating_point else 1e-30
-        inf = torch.full((b,), math.inf, device=dev, dtype=real)
+        self.eps = torch.finfo(RESIDUAL_DTYPE).tiny
+        self.rounding = torch.finfo(z0.dtype).eps if z0.dtype.is_floating_point else 0.0
+        inf = torch.full((b,), math.inf, device=dev, dtype=RESIDUAL_DTYPE)
         self.best_z = z0
         self.best_r = inf
         self.best_abs = inf
         self.best_rel = inf
         self.first_abs = inf
+        self.start_scale = inf
         self.best_step = torch.zeros(b, dtype=torch.long, device=dev)
         self.converged = torch.zeros(b, dtype=torch.bool, device=dev)
         self.diverged = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.runaway = torch.zeros(b, dtype=torch.bool, device=dev)
         self.nonfinite_at_start = torch.zeros(b, dtype=torch.bool, device=dev)
         self.active = torch.ones(b, dtype=torch.bool, device=dev)
         self.stopped = torch.zeros(b, dtype=torch.bool, device=dev)  # given up by the solver
@@ -160,15 +232,34 @@ class ConvergenceTracker:
 
     def observe(self, z: Tensor, fz: Tensor) -> Tensor:
         """Record the residual of iterate ``z`` (given f(z)); return the still-active mask."""
-        diff = fz - z
-        abs_r = torch.linalg.vector_norm(diff, dim=1)
-        rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + self.eps)
+        abs_r = row_norms((fz - z).detach())
+        fz_norm = row_norms(fz.detach())
+        rel_r = abs_r / (fz_norm + self.eps)
         r = rel_r if self.rel else abs_r
         finite = torch.isfinite(abs_r) & torch.isfinite(rel_r)
         active = self.active
+        within = r <= self.tol
         if self.step == 0:
             self.nonfinite_at_start = ~finite
-        improved = active & finite & (r < self.best_r)
+            if self.origin is None:
+                self.first_abs = torch.where(finite, abs_r, self.first_abs)
+                self.start_scale = torch.maximum(row_norms(z.detach()), fz_norm)
+            else:  # continuing an earlier solve: its start is the reference
+                self.first_abs, self.start_scale = self.origin
+        if self.step == 0 and self.origin is None:
+            eligible = finite
+        else:
+            # runaway guard (see the class docstring): measured against the start, no host read
+            grown = fz_norm > self.start_scale
+            floor = abs_r + self.rounding * fz_norm
+            progressed = ~grown | (floor <= PROGRESS_TO_CONVERGE * self.first_abs)
+            self.runaway = self.runaway | (active & finite & within & ~progressed)
+            within = within & progressed
+            eligible = finite & (~grown | (floor < self.first_abs))
+        newly = active & finite & within
+        # a converging iterate is always the one returned (an earlier, refused runaway iterate
+        # may have had a lower residual)
+        improved = active & eligible & ((r < self.best_r) | newly)
         self.best_r = torch.where(improved, r, self.best_r)
         self.best_abs = torch.where(improved, abs_r, self.best_abs)
         self.best_rel = torch.where(improved, rel_r, self.best_rel)
@@ -176,11 +267,9 @@ class ConvergenceTracker:
         self.best_step = torch.where(improved, torch.full_like(self.best_step, self.step), self.best_step)
         # Blow-up is measured against the first residual, not the best one: solvers are not
         # monotone, and near the precision floor a 100x jump over the best is only noise.
-        if self.step == 0:
-            self.first_abs = torch.where(finite, abs_r, self.first_abs)
         blew_up = abs_r > self.divergence_factor * self.first_abs
         self.diverged = self.diverged | (active & (~finite | blew_up))
-        self.converged = self.converged | (active & finite & (r <= self.tol))
+        self.converged = self.converged | newly
         self.active = ~(self.converged | self.diverged | self.stopped)
         if self.trace is not None:
             self.trace.append(r.detach())
@@ -219,6 +308,8 @@ class ConvergenceTracker:
             nfe=nfe,
             nsteps=self.step,
             trace=trace,
+            runaway=self.runaway & ~self.converged,
+            origin=(self.first_abs, self.start_scale),
         )
 
 
@@ -270,16 +361,29 @@ class Solver:
         record_trace: bool = False,
         jvp: Map | None = None,
         early_stop: bool = True,
+        origin: tuple[Tensor, Tensor] | None = None,
     ) -> SolverResult:
         """Solve z = f(z) from ``z0`` of shape (batch, dim); return the best iterate per sample.
+
+        ``origin`` (a previous result's ``origin``) continues an earlier solve: convergence is
+        judged against that solve's start, not against ``z0`` (see :class:`ConvergenceTracker`).
 
         ``early_stop=False`` runs exactly ``max_steps`` iterations (stopped samples stay frozen)
         and never asks the device whether all samples are done: a loop with no host read at all,
         which CUDA-graph capture needs (see benchmarks/gpu_path.py)."""
         validate_solve_args(z0, tol=tol, max_steps=max_steps, stop_mode=stop_mode)
-        counted = _CountedMap(f)
+        counted = _CountedMap(f, z0.device)
+        with counted.solver_arithmetic():
+            return self._loop(counted, z0, tol, max_steps, stop_mode, divergence_factor, record_trace, jvp, early_stop, origin)
+
+    def _loop(
+        self, counted: _CountedMap, z0: Tensor, tol: float, max_steps: int, stop_mode: str,
+        divergence_factor: float, record_trace: bool, jvp: Map | None, early_stop: bool,
+        origin: tuple[Tensor, Tensor] | None,
+    ) -> SolverResult:
+        """The shared iteration of :meth:`solve` (autocast off; f re-enables it)."""
         tracker = ConvergenceTracker(
-            z0, tol=tol, stop_mode=stop_mode, divergence_factor=divergence_factor, record_trace=record_trace
+            z0, tol=tol, stop_mode=stop_mode, divergence_factor=divergence_factor, record_trace=record_trace, origin=origin
         )
         stop = _StopCheck(z0.device)
         state = self.init_state(z0)

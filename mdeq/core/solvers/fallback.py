@@ -39,8 +39,8 @@ class FallbackChain(Solver):
         best: SolverResult | None = None
         nfe = nsteps = 0
         for solver in self.solvers:
-            start = z0 if best is None else best.z
-            res = solver.solve(f, start, **kwargs)
+            start, origin = (z0, None) if best is None else (best.z, best.origin)
+            res = solver.solve(f, start, origin=origin, **kwargs)
             nfe += res.nfe
             nsteps += res.nsteps
             best = res if best is None else _merge(best, res)
@@ -66,4 +66,10 @@ def _merge(old: SolverResult, new: SolverResult) -> SolverResult:
         best_step=pick(old.best_step, new.best_step),
         nfe=0,
         nsteps=0,
+        runaway=(_flag(old.runaway, take) | _flag(new.runaway, take)) & ~(old.converged | new.converged),
+        origin=old.origin,
     )
+
+
+def _flag(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if mask is None else mask

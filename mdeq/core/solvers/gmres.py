@@ -21,8 +21,25 @@ def gmres(
 
     Returns ``(x, relative_residual, iterations)``. Stops when every sample's residual is at
     most ``rtol * ||b||`` or after ``max_iter`` Arnoldi steps. Written without in-place updates so
-    it is differentiable when run under autograd.
+    it is differentiable when run under autograd. The system is solved for ``b`` scaled to unit
+    peak per sample (A is linear, so x scales back exactly): at the scale 1e-23 or 1e23 the norms
+    and inner products of the raw vectors would underflow or overflow in float32.
     """
+    peak = b.detach().abs().amax(dim=1) if b.shape[1] else torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
+    unit = (peak > 0) & torch.isfinite(peak) & torch.isfinite(peak.reciprocal())
+    peak = torch.where(unit, peak, torch.ones_like(peak))
+    x, rel, k = _gmres_unit(matvec, b / peak[:, None], max_iter=max_iter, rtol=rtol)
+    return x * peak[:, None], rel, k
+
+
+def _gmres_unit(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    max_iter: int,
+    rtol: float,
+) -> tuple[Tensor, Tensor, int]:
+    """GMRES for a right-hand side of moderate scale (see :func:`gmres`)."""
     tiny = torch.finfo(b.dtype).tiny
     beta = torch.linalg.vector_norm(b, dim=1)
     safe_beta = torch.where(beta > 0, beta, torch.ones_like(beta))

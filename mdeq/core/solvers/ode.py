@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mdeq.core.options import Rule, check_options, real
-from mdeq.core.solvers.base import Map, Solver
+from mdeq.core.solvers.base import Map, Solver, row_norms
 from mdeq.core.solvers.registry import register_solver
 
 # Butcher tableaus of two explicit 5(4) pairs with the "first same as last" property:
@@ -158,7 +158,7 @@ class ODESteadyState(Solver):
         z_new = zi  # the last stage point is the 5th-order solution (FSAL)
         err = hc * sum(e * ki for e, ki in zip(btilde, k) if e != 0.0)
         err_norm = self._rms(err / self._scale(z, z_new))
-        rho = torch.linalg.vector_norm(k[-1], dim=1) / torch.linalg.vector_norm(k[0], dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        rho = (row_norms(k[-1]) / row_norms(k[0]).clamp_min(torch.finfo(torch.float64).tiny)).to(z.dtype)  # scale-safe
         finite = torch.isfinite(err_norm) & torch.isfinite(z_new).all(dim=1) & torch.isfinite(rho)
         accept = finite & (err_norm <= 1.0) & (rho <= self.reject_ratio)
         factor = (self.safety * err_norm.clamp_min(1e-10) ** -0.2).clamp(self.min_factor, self.max_factor)
