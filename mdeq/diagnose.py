@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mdeq.core.backward import ImplicitBackward
 from mdeq.core.jacobian import JacobianRegularization, jacobian_eigenvalues
 from mdeq.core.solvers import FixedPoint, Solver, SolverResult, get_solver
+from mdeq.core.stability import best_damping, temper_scale
 from mdeq.nn.cells import Tempered
 from mdeq.nn.deq import DEQ
 
@@ -301,17 +302,6 @@ def diagnose(
 
 
 # ---- recommendations ----------------------------------------------------------------------------------
-def _best_damping(ev: Tensor) -> tuple[float, float]:
-    """Damping d minimising the worst |d + (1 - d) lambda| over the Ritz values (the local rate of
-    damped iteration z <- d z + (1 - d) f(z))."""
-    best = (0.0, float(ev.abs().max()))
-    for d in [i / 20 for i in range(1, 20)]:
-        rate = float((d + (1 - d) * ev).abs().max())
-        if rate < best[1]:
-            best = (d, rate)
-    return best
-
-
 def _steps_needed(res: SolverResult, tol: float, max_steps: int) -> int | None:
     """Steps to reach ``tol`` at the observed late linear rate of the slowest sample."""
     if res.trace is None or res.trace.shape[0] < 6:
@@ -341,7 +331,7 @@ def recommend(diag: Diagnosis, ev: Tensor, own_res: SolverResult) -> list[Recomm
         )
     converged_trials = sorted((t for t in diag.trials if t.converged_fraction == 1.0), key=lambda t: t.nfe)
     if not diag.iteration_stable:
-        scale = 10.0 ** math.floor(math.log10(0.5 / diag.spectral_radius)) if math.isfinite(diag.spectral_radius) else 0.01
+        scale = temper_scale(diag.spectral_radius)
         recs.append(
             Recommendation(
                 f"Temper f: use Tempered(f, scale={scale:g}) (i.e. f * {scale:g})",
@@ -351,7 +341,7 @@ def recommend(diag: Diagnosis, ev: Tensor, own_res: SolverResult) -> list[Recomm
                 apply=lambda deq, s=scale: setattr(deq, "f", Tempered(deq.f, s)),
             )
         )
-        d, rate = _best_damping(ev)
+        d, rate = best_damping(ev)
         if rate < 1.0:
             recs.append(
                 Recommendation(

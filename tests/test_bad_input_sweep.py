@@ -61,6 +61,7 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("deq_init/on_divergence", lambda: DEQ(cell(), on_divergence="warning"), ValueError, "on_divergence must be one of"),
     ("deq_init/divergence_factor", lambda: DEQ(cell(), divergence_factor=0.5), ValueError, "DEQ option 'divergence_factor' must be a number > 1"),
     ("deq_init/mode", lambda: DEQ(cell(), mode="ode"), ValueError, "mode must be"),
+    ("deq_init/stability", lambda: DEQ(cell(), stability="sometimes"), ValueError, "DEQ option 'stability' must be one of 'auto', 'always', 'never'"),
     # issue #28's sweep: wrong types and absurd values got obscure errors or were accepted
     ("deq_init/tol_none", lambda: DEQ(cell(), tol=None), ValueError, "DEQ option 'tol' must be a finite number >= 0, got None"),
     ("deq_init/tol_string", lambda: DEQ(cell(), tol="1e-3"), ValueError, "DEQ option 'tol' must be a finite number"),

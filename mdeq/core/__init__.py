@@ -14,6 +14,7 @@ from mdeq.core.jacobian import JacobianRegularization, get_jacobian_regularizati
 from mdeq.core.neural_ode import NeuralODE
 from mdeq.core.packing import StatePacker
 from mdeq.core.solution import BackwardStats, DEQSolution
+from mdeq.core.stability import Stability, StabilityWarning, equilibrium_stability
 from mdeq.core.solvers import (
     Anderson,
     Broyden,
@@ -48,8 +49,11 @@ __all__ = [
     "PhantomBackward",
     "Solver",
     "SolverResult",
+    "Stability",
+    "StabilityWarning",
     "StatePacker",
     "UnrolledBackward",
+    "equilibrium_stability",
     "get_backward",
     "get_jacobian_regularization",
     "get_solver",

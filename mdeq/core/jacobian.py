@@ -206,7 +206,7 @@ def jacobian_eigenvalues(f: Callable[[Tensor], Tensor], z: Tensor, k: int = 20, 
             if bool((norm <= 1e-10 * h[:, : j + 1, : j + 1].abs().amax(dim=(1, 2)).clamp_min(1e-30)).all()):
                 break
             basis.append(w / norm.clamp_min(torch.finfo(z.dtype).tiny)[:, None])
-        return torch.linalg.eigvals(h[:, :steps, :steps])
+        return torch.linalg.eigvals(h[:, :steps, :steps].double())  # (float16 has no eig; k x k is cheap)
 
 
 def spectral_summary(f: Callable[[Tensor], Tensor], z: Tensor, k: int = 20) -> tuple[Tensor, Tensor]:

@@ -38,6 +38,14 @@ class ConvergenceGuard(pl.Callback):
       above; when it is the last action it repeats every failing window until
       ``max_jacobian_weight``), "stop". The default only warns.
 
+    - Every ``stability_every_n_steps`` training steps (0: never) the guard asks each DEQ layer
+      to check, on that step's forward, that its equilibrium attracts plain iteration (spectral
+      radius of df/dz at z* below 1, from a few Jacobian-vector products on up to 8 samples; see
+      :mod:`mdeq.core.stability`). Layers with small states check themselves on their own cadence;
+      this covers the large ones. A repelling equilibrium is reported once per layer (a
+      ``StabilityWarning`` with the fixes), and the largest spectral radius seen is logged as
+      ``stability/spectral_radius``.
+
     ``stopped_reason`` holds the message when the guard stopped training.
     """
 
@@ -52,8 +60,13 @@ class ConvergenceGuard(pl.Callback):
         max_jacobian_weight: float = 10.0,
         budget_window: int = 200,
         budget_actions: tuple[str, ...] = ("warn",),
+        stability_every_n_steps: int = 500,
     ) -> None:
         super().__init__()
+        if not (isinstance(stability_every_n_steps, int) and stability_every_n_steps >= 0):
+            raise ValueError(f"stability_every_n_steps must be an integer >= 0, got {stability_every_n_steps!r}")
+        self.stability_every_n_steps = stability_every_n_steps
+        self.stability_pending = False
         bad = [a for a in (*actions, *budget_actions) if a not in ACTIONS]
         if bad:
             raise ValueError(f"unknown guard action(s) {bad}; choose from {ACTIONS}")
@@ -85,6 +98,25 @@ class ConvergenceGuard(pl.Callback):
         if self.jacobian_weight is not None and schedule is not None:
             schedule.weight, schedule.warmup_steps = self.jacobian_weight, 0
 
+    # ---- the stability of the equilibrium ----------------------------------------------------------
+    def _stability_step(self, trainer: pl.Trainer) -> bool:
+        n = self.stability_every_n_steps
+        return n > 0 and trainer.global_step % n == 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.stability_pending = self._stability_step(trainer)
+        if self.stability_pending:
+            for layer in _deq_layers(pl_module):
+                if layer.stability != "never":
+                    layer.request_stability_check()
+
+    def _log_stability(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        radii = [layer.last_stability.spectral_radius for layer in _deq_layers(pl_module) if layer.last_stability is not None]
+        radii = [r for r in radii if r.numel()]
+        if radii:  # the same layers check on every rank: the reduction is collective-safe
+            worst = torch.stack([r.max() for r in radii]).max().float()
+            pl_module.log("stability/spectral_radius", worst, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
+
     # ---- the loss and gradients: never step on NaN ------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         flags = [torch.isfinite(p.grad).all() for p in pl_module.parameters() if p.grad is not None]
@@ -111,6 +143,9 @@ class ConvergenceGuard(pl.Callback):
             n = sol.converged.numel()
             local[1:] = torch.stack([near.float().sum(), sol.converged.float().sum(), torch.tensor(float(n))]).cpu()
         bad_loss, near_total, reached_total, count = self._all_ranks(trainer, local).tolist()  # one host read
+        if getattr(self, "stability_pending", False):
+            self.stability_pending = False
+            self._log_stability(trainer, pl_module)
         if bad_loss > 0:
             self._stop(trainer, f"the loss became non-finite ({float(loss) if isinstance(loss, torch.Tensor) else loss} on this process) at step {trainer.global_step}")
             return
@@ -218,3 +253,9 @@ class ConvergenceGuard(pl.Callback):
         self.reached = deque(state_dict.get("reached", []), maxlen=self.budget_window)
         self.jacobian_weight = state_dict.get("jacobian_weight")
         self.budget_level = int(state_dict.get("budget_level", int(bool(state_dict.get("budget_warned", False)))))
+
+
+def _deq_layers(module: torch.nn.Module) -> list[Any]:
+    from mdeq.nn.deq import DEQ
+
+    return [m for m in module.modules() if isinstance(m, DEQ)]

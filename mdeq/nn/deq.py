@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -17,6 +18,7 @@ from mdeq.core.options import OptionError, check_option, choice, integer, real
 from mdeq.core.packing import State, StatePacker
 from mdeq.core.solution import DEQSolution
 from mdeq.core.solvers import FixedPoint, SolverSpec, get_solver
+from mdeq.core.stability import Stability, StabilityWarning, equilibrium_stability, repelling_message
 from mdeq.nn.norms import begin_solve
 
 InitSpec = Union[str, nn.Module, Callable[[Any], State]]
@@ -68,7 +70,18 @@ def _first_param(module: Any) -> Tensor | None:
     return None
 
 
+STABILITY_MODES = ("auto", "always", "never")
+STABILITY_AUTO_MAX_DIM = 64
+"""``stability="auto"`` checks states of at most this many dimensions (per sample) by itself."""
+STABILITY_EVERY = 100
+"""``stability="auto"``: the first training forward is checked, then every this many."""
+STABILITY_SAMPLES = 8
+"""Samples of the batch a periodic check looks at (bounds its cost)."""
+STABILITY_KRYLOV = 20
+"""Jacobian-vector products per check: the spectrum is exact for states up to this size."""
+
 DEQ_OPTION_RULES = {
+    "stability": choice(*STABILITY_MODES),
     "stop_mode": choice("rel", "abs"),
     "max_steps": integer(1, 1_000_000),
     "tol": real(0.0),
@@ -114,7 +127,23 @@ class DEQ(nn.Module):
             ``gradient="adjoint"`` or ``"backprop"``). Solver, backward and tolerance settings
             apply to equilibrium mode only.
         t_span: (t0, T) for ``mode="neural_ode"``.
+        stability: whether to check that the equilibrium found attracts plain iteration
+            (spectral radius of df/dz at z* below 1; see :mod:`mdeq.core.stability`): ``"auto"``
+            (default) checks, in training mode, states of at most 64 dimensions on the first
+            forward and every 100th after, on up to 8 samples; ``"always"`` checks every forward
+            and puts the result on ``solution.stability``; ``"never"``. A repelling equilibrium is
+            reported once per layer (a :class:`~mdeq.core.stability.StabilityWarning` naming the
+            fixes; ``on_divergence="raise"`` raises, ``"ignore"`` stays silent).
+            :meth:`request_stability_check` asks for one check on the next training forward (the
+            Lightning ``ConvergenceGuard`` does so periodically for larger states).
     """
+
+    # defaults for modules pickled before the stability check existed
+    stability = "auto"
+    stability_forwards = 0
+    stability_requested = False
+    stability_warned = False
+    last_stability: Stability | None = None
 
     def __init__(
         self,
@@ -135,6 +164,7 @@ class DEQ(nn.Module):
         early_stop: bool = True,
         mode: str | NeuralODE = "equilibrium",
         t_span: tuple[float, float] | None = None,
+        stability: str = "auto",
     ) -> None:
         super().__init__()
         check_cell_signature(f)
@@ -142,8 +172,15 @@ class DEQ(nn.Module):
         self.f = f
         self.solver = get_solver(solver)
         self.backward_mode = get_backward(backward)
-        for name, value in (("stop_mode", stop_mode), ("max_steps", max_steps), ("tol", tol), ("divergence_factor", divergence_factor)):
+        for name, value in (
+            ("stop_mode", stop_mode), ("max_steps", max_steps), ("tol", tol), ("divergence_factor", divergence_factor), ("stability", stability),
+        ):
             check_option("DEQ", name, value, DEQ_OPTION_RULES[name])
+        self.stability = stability
+        self.stability_forwards = 0  # training forwards seen by the automatic check
+        self.stability_requested = False
+        self.stability_warned = False
+        self.last_stability: Stability | None = None
         self.tol = float(tol)
         self.max_steps = max_steps
         self.stop_mode = stop_mode
@@ -308,7 +345,8 @@ class DEQ(nn.Module):
         if unroll is not None:
             if not (isinstance(unroll, int) and unroll >= 1):
                 raise ValueError(f"unroll must be a positive number of steps, got {unroll!r}")
-            solver, backward, tol, max_steps, policy = FixedPoint(), UnrolledBackward(), 0.0, unroll, "ignore"
+            # N applications of f: iterates z_0..z_N, the last f evaluation only measures z_N
+            solver, backward, tol, max_steps, policy = FixedPoint(), UnrolledBackward(), 0.0, unroll + 1, "ignore"
         else:
             solver, backward, tol, max_steps = self.solver, self.backward_mode, self.tol, self.max_steps
             policy = self.on_divergence
@@ -337,6 +375,9 @@ class DEQ(nn.Module):
         if unroll is not None:  # ran exactly N steps (tol 0); report against the layer's own tol
             tol = self.tol
             converged = ((fwd.rel_residual if self.stop_mode == "rel" else fwd.abs_residual) <= tol) & ~fwd.diverged
+        stability = None
+        if unroll is None and self._stability_due():
+            stability = self._check_stability(f_flat, fwd.z, fwd.converged, policy)
         solution = DEQSolution(
             z_star=z_star,
             z0=z0,
@@ -353,8 +394,57 @@ class DEQ(nn.Module):
             skip_loss=skip_loss,
             trace=fwd.trace,
             backward_record=result.backward_record,
+            stability=stability,
         )
         return z_star, solution
+
+    # ---- stability of the equilibrium ------------------------------------------------------
+    def request_stability_check(self) -> None:
+        """Check the stability of the equilibrium on the next training forward (whatever its size)."""
+        self.stability_requested = True
+
+    def _stability_due(self) -> bool:
+        """Whether this forward may check (``_check_stability`` applies the size and cadence)."""
+        if self.stability == "always":
+            return True
+        return self.stability == "auto" and self.training and torch.is_grad_enabled()
+
+    def _check_stability(self, f_flat: Callable[[Tensor], Tensor], z_star: Tensor, converged: Tensor, policy: str) -> Stability | None:
+        """Estimate the spectrum at z* (restoring f's buffers, e.g. batch-norm statistics, that
+        the extra evaluations would move) and report a repelling equilibrium once."""
+        if self.stability == "auto" and not self.stability_requested:
+            if z_star.shape[1] > STABILITY_AUTO_MAX_DIM:
+                return None
+            due = self.stability_forwards % STABILITY_EVERY == 0
+            self.stability_forwards += 1
+            if not due:
+                return None
+        self.stability_requested = False
+        every = self.stability == "always"
+        # (tensor, version, copy): only buffers written in place by the extra evaluations are put
+        # back; rewriting the others would invalidate the graph that saved them for backward
+        buffers = [(b, b._version, b.detach().clone()) for b in self.f.buffers()] if isinstance(self.f, nn.Module) else []
+        try:
+            stab = equilibrium_stability(f_flat, z_star, k=STABILITY_KRYLOV, max_samples=None if every else STABILITY_SAMPLES)
+        finally:
+            with torch.no_grad():
+                for b, version, saved in buffers:
+                    if b._version != version or not torch.equal(b, saved):  # (batch norm's kernel
+                        b.copy_(saved)  # updates its statistics without a version bump)
+        self.last_stability = stab
+        if policy != "ignore" and not self.stability_warned:
+            bad = stab.repelling & converged[stab.samples]  # unconverged samples are reported anyway
+            if bool(bad.any()):
+                self.stability_warned = True
+                msg = repelling_message(stab, solver=self.solver.name)
+                if policy == "raise":
+                    from mdeq.core.errors import ConvergenceError
+
+                    raise ConvergenceError(msg)
+                from mdeq.core.errors import _user_stacklevel
+
+                warnings.warn(msg, StabilityWarning, stacklevel=_user_stacklevel())
+        return stab
 
     def _integrate(self, f_flat: Callable[[Tensor], Tensor], z0_flat: Tensor, packer: StatePacker, z0: State, x: Any) -> tuple[State, DEQSolution]:
         """Neural-ODE mode: z(T) of dz/dt = f(z, x) - z, with the distance from steady state."""

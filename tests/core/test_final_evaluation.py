@@ -30,7 +30,7 @@ X = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [3.0, 0.5]])
 def _calls(grad: bool) -> int:
     counting = PoisonedAfter(10**9)
     with torch.set_grad_enabled(grad):
-        DEQ(counting, tol=1e-6, max_steps=80, state_shape=(2,))(X.clone().requires_grad_(grad))
+        DEQ(counting, tol=1e-6, max_steps=80, state_shape=(2,), stability="never")(X.clone().requires_grad_(grad))
     return counting.calls
 
 
@@ -39,7 +39,7 @@ def test_inference_evaluates_f_only_inside_the_solve():
     # observation: those samples are diverged, and the best finite iterate is returned
     poisoned = PoisonedAfter(_calls(False) - 1)
     with torch.no_grad(), pytest.warns(ConvergenceWarning, match="2 sample\\(s\\) diverged"):
-        z, sol = DEQ(poisoned, tol=1e-6, max_steps=80, state_shape=(2,))(X)
+        z, sol = DEQ(poisoned, tol=1e-6, max_steps=80, state_shape=(2,), stability="never")(X)
     assert sol.converged.tolist() == [False, True, False] and sol.diverged.tolist() == [True, False, True]
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z[1], 2 * X[1], rtol=1e-5, atol=1e-5)
@@ -48,12 +48,12 @@ def test_inference_evaluates_f_only_inside_the_solve():
 def test_a_nonfinite_backward_evaluation_is_reported_not_returned_as_converged():
     calls = _calls(True)  # the solve's calls + the one that builds the backward's graph
     poisoned = PoisonedAfter(calls - 1)
-    deq = DEQ(poisoned, tol=1e-6, max_steps=80, state_shape=(2,))
+    deq = DEQ(poisoned, tol=1e-6, max_steps=80, state_shape=(2,), stability="never")
     with pytest.warns(ConvergenceWarning, match="evaluated once more at the returned iterate \\(for the backward pass\\) for 2 sample"):
         z, sol = deq(X.clone().requires_grad_())
     assert sol.converged.tolist() == [False, True, False] and sol.diverged.tolist() == [True, False, True]
     assert torch.isfinite(z).all()  # the value is z*, measured finite; only its gradient would be NaN
-    strict = DEQ(PoisonedAfter(calls - 1), tol=1e-6, max_steps=80, state_shape=(2,), on_divergence="raise")
+    strict = DEQ(PoisonedAfter(calls - 1), tol=1e-6, max_steps=80, state_shape=(2,), on_divergence="raise", stability="never")
     with pytest.raises(Exception, match="evaluated once more"):
         strict(X.clone().requires_grad_())
 

@@ -82,6 +82,9 @@ def test_guard_is_quiet_on_a_healthy_run():
 def test_guard_rejects_unknown_actions():
     with pytest.raises(ValueError, match="unknown guard action"):
         ConvergenceGuard(actions=("warn", "panic"))
+    for bad in (-1, 2.5, "500"):
+        with pytest.raises(ValueError, match="stability_every_n_steps must be an integer >= 0"):
+            ConvergenceGuard(stability_every_n_steps=bad)
 
 
 def test_guard_tolerates_a_tight_training_budget():
@@ -190,3 +193,56 @@ def test_guard_ignores_the_unrolled_warm_up():
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert guard.events == [] and guard.stopped_reason is None and trainer.global_step == 30
     assert module.jacobian.weight == 0.0
+
+
+class RepellingCell(nn.Module):
+    """f(z, x) = A z + x + b with a fixed symmetric A of spectral radius 1.2 (80 dimensions): root
+    finders converge to its root, which plain iteration runs away from."""
+
+    def __init__(self, dim=80):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+        spectrum = torch.cat([torch.tensor([1.2]), 0.3 * torch.rand(dim - 1, generator=g)])
+        self.register_buffer("a", q @ torch.diag(spectrum) @ q.T)
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, z, x):
+        return z @ self.a.T + x + self.b
+
+
+class RepellingBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(64, 80)
+        self.deq = DEQ(RepellingCell(), solver="newton_krylov", tol=1e-5, max_steps=30, state_shape=(80,))
+        self.head = nn.Linear(80, 10)
+
+    def forward(self, x, return_solution=False):
+        z, sol = self.deq(self.enc(x.flatten(1)))
+        logits = self.head(z)
+        return (logits, sol) if return_solution else logits
+
+
+def test_guard_checks_the_stability_of_large_states_periodically():
+    from mdeq.core.stability import StabilityWarning
+
+    pl.seed_everything(0, verbose=False)
+    guard = ConvergenceGuard(window=5, stability_every_n_steps=2)
+    module = ClassificationModule(backbone=RepellingBackbone(), lr=1e-3, scheduler="constant")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[guard])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    stability = [w for w in caught if issubclass(w.category, StabilityWarning)]
+    assert len(stability) == 1 and "df/dz at z* has spectral radius 1.2" in str(stability[0].message)
+    assert float(trainer.callback_metrics["stability/spectral_radius"]) == pytest.approx(1.2, rel=1e-3)
+    layer = module.backbone.deq
+    assert layer.stability_forwards == 0  # 80 dimensions: never checked by the layer on its own
+    # without the guard's requests, a state this large is not checked at all
+    quiet = ClassificationModule(backbone=RepellingBackbone(), lr=1e-3, scheduler="constant")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[ConvergenceGuard(stability_every_n_steps=0)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(quiet, datamodule=DigitsDataModule(batch_size=32))
+    assert not [w for w in caught if issubclass(w.category, StabilityWarning)] and quiet.backbone.deq.last_stability is None
