@@ -22,6 +22,7 @@ from mdeq.core import (
     ODESteadyState,
     PhantomBackward,
     Solver,
+    SolverBudget,
     StabilityWarning,
     UnrolledBackward,
     equilibrium_stability,
@@ -31,6 +32,7 @@ from mdeq.core import (
     list_solvers,
     register_solver,
     solve_equilibrium,
+    solver_budget,
 )
 from mdeq.diagnose import Diagnosis, diagnose
 from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, SkipDEQ, TanhCell, Tempered
@@ -61,6 +63,7 @@ __all__ = [
     "PhantomBackward",
     "SkipDEQ",
     "Solver",
+    "SolverBudget",
     "StabilityWarning",
     "TanhCell",
     "Tempered",
@@ -73,4 +76,5 @@ __all__ = [
     "list_solvers",
     "register_solver",
     "solve_equilibrium",
+    "solver_budget",
 ]

@@ -8,6 +8,7 @@ from mdeq.core.backward import (
     get_backward,
     list_backwards,
 )
+from mdeq.core.budget import SolverBudget, current_budget, solver_budget
 from mdeq.core.equilibrium import EquilibriumResult, solve_equilibrium
 from mdeq.core.errors import ConvergenceError, ConvergenceWarning, HigherOrderGradientError
 from mdeq.core.jacobian import JacobianRegularization, get_jacobian_regularization, jacobian_frobenius
@@ -48,11 +49,13 @@ __all__ = [
     "ODESteadyState",
     "PhantomBackward",
     "Solver",
+    "SolverBudget",
     "SolverResult",
     "Stability",
     "StabilityWarning",
     "StatePacker",
     "UnrolledBackward",
+    "current_budget",
     "equilibrium_stability",
     "get_backward",
     "get_jacobian_regularization",
@@ -61,5 +64,6 @@ __all__ = [
     "list_backwards",
     "list_solvers",
     "register_solver",
+    "solver_budget",
     "solve_equilibrium",
 ]

@@ -20,13 +20,11 @@ import torch
 from torch import Tensor
 
 from mdeq.core.errors import ConvergenceError
-from mdeq.core.solvers.ode import _TABLEAUS
+from mdeq.core.runge_kutta import TABLEAUS, combine, error_estimate, initial_step, rk_step, scaled_rms
 
 Map = Callable[[Tensor], Tensor]
 METHODS = ("tsit5", "dopri5", "rk4")
 GRADIENTS = ("adjoint", "backprop")
-
-_RK4 = (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6))
 
 
 @dataclass
@@ -40,6 +38,25 @@ class ODERecord:
     nfe: int
     naccepted: int
     nattempts: int
+
+    def as_equilibrium_result(self) -> Any:
+        """The record in the form every mode reports (an
+        :class:`~mdeq.core.equilibrium.EquilibriumResult`): z(T) with its residual as an
+        equilibrium, ||f(z) - z|| and ||f(z) - z|| / ||f(z)||; steps are the step attempts."""
+        from mdeq.core.equilibrium import EquilibriumResult
+        from mdeq.core.solution import BackwardRecord
+        from mdeq.core.solvers.base import SolverResult, row_norms
+
+        with torch.no_grad():
+            abs_r = row_norms(self.velocity)
+            rel_r = abs_r / row_norms(self.velocity + self.z).clamp_min(torch.finfo(abs_r.dtype).tiny)
+        finite = torch.isfinite(abs_r)
+        forward = SolverResult(
+            z=self.z.detach(), residual=rel_r, abs_residual=abs_r, rel_residual=rel_r, converged=finite, diverged=~finite,
+            nonfinite_at_start=torch.zeros_like(finite), best_step=torch.full_like(abs_r, self.nattempts, dtype=torch.long),
+            nfe=self.nfe, nsteps=self.nattempts,
+        )
+        return EquilibriumResult(output=self.z, forward=forward, jacobian_loss=None, backward_record=BackwardRecord())
 
 
 @dataclass
@@ -108,75 +125,37 @@ class NeuralODE:
             return ODERecord(z_end, info["velocity"], info["nfe"], info["naccepted"], info["nattempts"])
         return self._forward(f, z0, keep=False)[0]
 
-    # ---- integration ------------------------------------------------------------------------
-    def _tableau(self) -> tuple[Sequence[Sequence[float]], Sequence[float], Sequence[float] | None]:
-        if self.method == "rk4":
-            return _RK4[0], _RK4[1], None
-        rows, b, btilde = _TABLEAUS[self.method]
-        return rows, b, btilde
-
-    def _stages(self, g: Map, z: Tensor, k1: Tensor, h: float | Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """One explicit RK step from z (with g(z) = k1): returns z_new, g(z_new) (FSAL methods;
-        recomputed for rk4) and the stage derivatives."""
-        rows, b, _ = self._tableau()
-        k = [k1]
-        for row in rows:
-            k.append(g(z + h * _combine(row, k)))
-        if self.method == "rk4":
-            z_new = z + h * _combine(b, k)
-            return z_new, g(z_new), k
-        # FSAL pairs: the last stage point is the 5th-order solution and k[-1] = g(z_new)
-        z_new = z + h * _combine(rows[-1], k[:-1])
-        return z_new, k[-1], k
-
-    def _error(self, z: Tensor, z_new: Tensor, k: list[Tensor], h: float) -> float:
-        _, _, btilde = self._tableau()
-        err = h * _combine(btilde, k)  # type: ignore[arg-type]
-        scale = self.atol + self.rtol * torch.maximum(z.abs(), z_new.abs())
-        return float((err / scale).pow(2).mean().sqrt())
-
-    def _first_step(self, g: Map, z: Tensor, k1: Tensor) -> tuple[float, int]:
-        """Hairer, Norsett & Wanner's starting step for the whole batch (one extra g call)."""
-        if self.step_size is not None:
-            return self.step_size, 0
-        return self._first_step_nograd(g, z.detach(), k1.detach())
-
-    @torch.no_grad()
-    def _first_step_nograd(self, g: Map, z: Tensor, k1: Tensor) -> tuple[float, int]:
-        scale = self.atol + self.rtol * z.abs()
-        d0, d1 = float((z / scale).pow(2).mean().sqrt()), float((k1 / scale).pow(2).mean().sqrt())
-        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-        k2 = g(z + h0 * k1)
-        d2 = float(((k2 - k1) / scale).pow(2).mean().sqrt()) / h0
-        big = max(d1, d2)
-        h1 = max(1e-6, h0 * 1e-3) if big <= 1e-15 else (0.01 / big) ** 0.2
-        return min(100 * h0, h1), 1
-
-    def _forward(self, f: Map, z0: Tensor, keep: bool) -> tuple[ODERecord, list[tuple[float, Tensor, Tensor]]]:
-        """Integrate; with ``keep`` also return (h, z_start, g(z_start)) of every accepted step."""
+    # ---- integration (on the shared Runge-Kutta core) --------------------------------------
+    def _forward(self, f: Map, z0: Tensor, keep: bool) -> tuple[ODERecord, list[tuple[float, Tensor]]]:
+        """Integrate; with ``keep`` also return (h, z_start) of every accepted step."""
         nfe = 0
 
-        def g(z: Tensor) -> Tensor:
+        def counted(z: Tensor) -> Tensor:
             nonlocal nfe
             nfe += 1
-            return f(z) - z
+            return f(z)
 
+        tableau = TABLEAUS[self.method]
         t0, t1 = self.t_span
-        z, k1 = z0, g(z0)
-        _check_finite(k1, "f(z0, x)", self)
-        steps: list[tuple[float, Tensor, Tensor]] = []
+        z, fz = z0, counted(z0)
+        _check_finite(fz - z, "f(z0, x)", self)
+        steps: list[tuple[float, Tensor]] = []
         t, attempts, accepted = t0, 0, 0
-        if self.method == "rk4":
+        if not tableau.adaptive:
             n = max(1, math.ceil((t1 - t0) / self.step_size - 1e-9))  # type: ignore[operator]
             h = (t1 - t0) / n
             for _ in range(n):
                 if keep:
-                    steps.append((h, z, k1))
-                z, k1, _ = self._stages(g, z, k1, h)
+                    steps.append((h, z))
+                z, fz, _ = rk_step(tableau, counted, z, fz, h)
                 attempts += 1
             _check_finite(z, "the integrated state", self)
-            return ODERecord(z, k1, nfe, n, n), steps
-        h, _ = self._first_step(g, z, k1)
+            return ODERecord(z, fz - z, nfe, n, n), steps
+        if self.step_size is not None:
+            h = self.step_size
+        else:
+            with torch.no_grad():
+                h = float(initial_step(counted, z.detach(), (fz - z).detach(), self.rtol, self.atol, per_sample=False))
         while t1 - t > 1e-12 * max(1.0, abs(t1)):
             if attempts >= self.max_steps:
                 raise ConvergenceError(
@@ -186,33 +165,35 @@ class NeuralODE:
                     f"or shorten t_span."
                 )
             h = min(h, t1 - t)
-            z_new, k_new, k = self._stages(g, z, k1, h)
-            err = self._error(z.detach(), z_new.detach(), [s.detach() for s in k], h)
+            z_new, fz_new, k = rk_step(tableau, counted, z, fz, h)
+            with torch.no_grad():
+                err = float(scaled_rms(error_estimate(tableau, k, h), self.rtol, self.atol, z, z_new, per_sample=False))
             attempts += 1
             if math.isfinite(err) and err <= 1.0:
                 if keep:
-                    steps.append((h, z, k1))
-                t, z, k1 = t + h, z_new, k_new
+                    steps.append((h, z))
+                t, z, fz = t + h, z_new, fz_new
                 accepted += 1
             factor = 0.2 if not math.isfinite(err) else min(10.0, max(0.2, self.safety * max(err, 1e-10) ** -0.2))
             h = h * factor
         _check_finite(z, "the integrated state", self)
-        return ODERecord(z, k1, nfe, accepted, attempts), steps
+        return ODERecord(z, fz - z, nfe, accepted, attempts), steps
 
     def _adjoint_step(self, f: Map, leaves: Sequence[Tensor], h: float, z_end: Tensor, a: Tensor) -> tuple[Tensor, list[Tensor | None], int]:
         """One RK step of the adjoint system backwards over [t_k, t_k + h], starting from the
         stored end state: returns a(t_k), the step's contribution to dL/dleaves, and the number
         of f-evaluations (each stage is one forward and one vector-Jacobian product)."""
-        rows, b, _ = self._tableau()
-        n_stages = len(b) if self.method == "rk4" else len(rows)  # FSAL's last stage has b = 0
-        coef = list(b[:n_stages])
+        tableau = TABLEAUS[self.method]
+        rows = tableau.rows
+        n_stages = tableau.weighted_stages  # FSAL's last stage has b = 0
+        coef = list(tableau.b[:n_stages])
         kz: list[Tensor] = []
         ka: list[Tensor] = []
         grads: list[Tensor | None] = [None] * len(leaves)
         for i in range(n_stages):
             row = () if i == 0 else rows[i - 1]
-            zi = z_end - h * _combine(row, kz) if i else z_end
-            ai = a + h * _combine(row, ka) if i else a
+            zi = z_end - h * combine(row, kz) if i else z_end
+            ai = a + h * combine(row, ka) if i else a
             with torch.enable_grad():
                 zi = zi.detach().requires_grad_()
                 gz = f(zi) - zi
@@ -222,17 +203,8 @@ class NeuralODE:
             for j, v in enumerate(vj[1:]):
                 if v is not None and coef[i] != 0.0:
                     grads[j] = h * coef[i] * v if grads[j] is None else grads[j] + h * coef[i] * v
-        a_start = a + h * _combine(coef, ka)
+        a_start = a + h * combine(coef, ka)
         return a_start, grads, n_stages
-
-
-def _combine(coeffs: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
-    out: Tensor | None = None
-    for c, k in zip(coeffs, ks):
-        if c != 0.0:
-            out = c * k if out is None else out + c * k
-    assert out is not None
-    return out
 
 
 def _check_finite(t: Tensor, what: str, ode: NeuralODE) -> None:
@@ -264,8 +236,8 @@ class _Adjoint(torch.autograd.Function):
         ode, f, steps, leaves = ctx.ode, ctx.f, ctx.steps, ctx.leaves
         a = grad_z
         total: list[Tensor | None] = [None] * len(leaves)
-        ends = [z for _, z, _ in steps[1:]] + [z_end]
-        for (h, _, _), z_after in zip(reversed(steps), reversed(ends)):
+        ends = [z for _, z in steps[1:]] + [z_end]
+        for (h, _), z_after in zip(reversed(steps), reversed(ends)):
             a, grads, _ = ode._adjoint_step(f, leaves, h, z_after, a)
             total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, grads)]
         ctx.steps = ctx.leaves = None

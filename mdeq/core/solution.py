@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from mdeq.core.packing import State
+
+if TYPE_CHECKING:  # (equilibrium imports this module)
+    from mdeq.core.equilibrium import EquilibriumResult
+    from mdeq.core.packing import StatePacker
 
 
 @dataclass
@@ -69,6 +74,47 @@ class DEQSolution:
     stability: Any = field(default=None, repr=False)
     """The spectrum of df/dz at z* (:class:`mdeq.core.stability.Stability`), when the layer's
     ``stability`` setting checked it on this forward."""
+
+    @classmethod
+    def from_result(
+        cls,
+        result: "EquilibriumResult",
+        packer: "StatePacker",
+        z0: State,
+        *,
+        solver: str,
+        tol: float,
+        stop_mode: str,
+        recheck: bool = False,
+        skip_loss: Tensor | None = None,
+        stability: Any = None,
+    ) -> "DEQSolution":
+        """The record of one solve (the only place one is built). ``recheck``: the run did not stop
+        on ``tol`` itself (an unrolled pass, a neural-ODE integration), so ``converged`` is decided
+        here from the returned state's residual: within ``tol`` in ``stop_mode``, finite, not diverged."""
+        fwd = result.forward
+        converged = fwd.converged
+        if recheck:
+            residual = fwd.rel_residual if stop_mode == "rel" else fwd.abs_residual
+            converged = (residual <= tol) & torch.isfinite(fwd.abs_residual) & ~fwd.diverged
+        return cls(
+            z_star=packer.unpack(result.output),
+            z0=z0,
+            residual=fwd.rel_residual,
+            abs_residual=fwd.abs_residual,
+            nfe=fwd.nfe,
+            nsteps=fwd.nsteps,
+            converged=converged,
+            diverged=fwd.diverged,
+            solver=solver,
+            tol=tol,
+            stop_mode=stop_mode,
+            jacobian_loss=result.jacobian_loss,
+            skip_loss=skip_loss,
+            trace=fwd.trace,
+            backward_record=result.backward_record,
+            stability=stability,
+        )
 
     @property
     def backward(self) -> BackwardStats | None:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from mdeq.core.budget import solver_budget
 from mdeq.core.solution import DEQSolution
 from mdeq.plots import log_figure, residual_figure
 
@@ -51,16 +52,8 @@ class ResidualPlotCallback(pl.Callback):
         deqs = getattr(pl_module, "deqs", [])
         if not deqs:
             return None
-        saved = [d.record_trace for d in deqs]
-        for d in deqs:
-            d.record_trace = True
-        try:
-            with torch.enable_grad():
-                pl_module._enter(training=False)
-                xi = x.detach().clone().requires_grad_()
-                out, solution = pl_module.backbone(xi, return_solution=True)
-                torch.autograd.grad(out.float().pow(2).sum(), xi, allow_unused=True)
-        finally:
-            for d, s in zip(deqs, saved):
-                d.record_trace = s
+        with torch.enable_grad(), solver_budget(pl_module.budget(training=False)), solver_budget(record_trace=True):
+            xi = x.detach().clone().requires_grad_()
+            out, solution = pl_module.backbone(xi, return_solution=True)
+            torch.autograd.grad(out.float().pow(2).sum(), xi, allow_unused=True)
         return solution

@@ -14,19 +14,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mdeq.core.budget import KEEP, SolverBudget, solver_budget
 from mdeq.core.jacobian import JacobianRegularization, probe_keys
 from mdeq.core.solution import DEQSolution
 from mdeq.lightning.recipes import (
     OPTIMIZERS,
     SCHEDULERS,
     JacobianSchedule,
-    SolverBudget,
     build_optimizer,
     build_scheduler,
     capture_rng_state,
     deq_layers,
     restore_rng_state,
-    set_jacobian,
 )
 
 
@@ -205,10 +204,6 @@ class DEQLightningModule(pl.LightningModule):
         self.deqs = deq_layers(self.backbone)
         if not self.deqs:
             raise ValueError(f"backbone {type(self.backbone).__name__} contains no DEQ layer")
-        # the layers' own budgets, in the order of self.deqs (a list, not keyed by id(): a deep
-        # copy of the module, as EMA and ddp_spawn make, must find its own layers' defaults)
-        self._defaults = [(d.max_steps, d.tol) for d in self.deqs]
-        self._own_jacobian = [d.jacobian_regularization for d in self.deqs]
         params = inspect.signature(self.backbone.forward).parameters
         if "return_solution" not in params:
             raise TypeError(f"{type(self.backbone).__name__}.forward must accept return_solution=True and return (output, solution)")
@@ -217,21 +212,24 @@ class DEQLightningModule(pl.LightningModule):
         self._last_solution: DEQSolution | None = None
 
     # ---- phases ----------------------------------------------------------------------------
-    def _enter(self, training: bool) -> None:
-        (self.train_budget if training else self.eval_budget).apply(self.deqs, self._defaults)
+    def budget(self, training: bool) -> SolverBudget:
+        """The solver budget of this step: the phase's ``max_steps``/``tol`` (None keeps each
+        layer's own) and, in training with a Jacobian weight, the regularizer on the steps the
+        schedule draws and off on the others. It is passed to the layers for the call
+        (:func:`~mdeq.core.budget.solver_budget`); their own attributes are never rewritten."""
+        phase = self.train_budget if training else self.eval_budget
+        jacobian: Any = KEEP
         if training and self.jacobian.weight > 0:
-            set_jacobian(self.deqs, self.regularizer if self.jacobian.active(self.global_step) else None)
-        else:
-            for d, own in zip(self.deqs, self._own_jacobian):
-                d.jacobian_regularization = own
+            jacobian = self.regularizer if self.jacobian.active(self.global_step) else None
+        return SolverBudget(phase.max_steps, phase.tol, jacobian)
 
     def run_backbone(self, x: Tensor, training: bool) -> tuple[Tensor, DEQSolution]:
-        self._enter(training)
-        if training and self.global_step < self.pretrain_steps:
-            return self.backbone(x, return_solution=True, unroll=self.pretrain_unroll)
-        keyed = training and self.jacobian.weight > 0  # probes are only drawn with the regularizer on
-        with probe_keys(self._probe_keys(len(x), x.device) if keyed else None):
-            return self.backbone(x, return_solution=True)
+        with solver_budget(self.budget(training)):
+            if training and self.global_step < self.pretrain_steps:
+                return self.backbone(x, return_solution=True, unroll=self.pretrain_unroll)
+            keyed = training and self.jacobian.weight > 0  # probes are only drawn with the regularizer on
+            with probe_keys(self._probe_keys(len(x), x.device) if keyed else None):
+                return self.backbone(x, return_solution=True)
 
     def _probe_keys(self, batch_size: int, device: torch.device) -> Tensor:
         """One Hutchinson-probe key per sample: (seed, step, position in the global batch). With
@@ -285,8 +283,8 @@ class DEQLightningModule(pl.LightningModule):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        self._enter(training=False)
-        return self.backbone(x)
+        with solver_budget(self.budget(training=False)):
+            return self.backbone(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, sol = self._step(batch, "train")

@@ -1,5 +1,4 @@
-"""DEQ training recipes shared by the LightningModules: solver budgets, Jacobian-regularization
-schedule, optimizer and learning-rate schedule, resumable random state."""
+"""DEQ training recipes shared by the LightningModules: Jacobian-regularization schedule, optimizer and learning-rate schedule, resumable random state."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdeq.core.jacobian import JacobianRegularization
 from mdeq.nn.deq import DEQ
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -22,22 +20,6 @@ SCHEDULERS = ("cosine", "constant")
 def deq_layers(module: nn.Module) -> list[DEQ]:
     """Every DEQ layer inside ``module``."""
     return [m for m in module.modules() if isinstance(m, DEQ)]
-
-
-@dataclass
-class SolverBudget:
-    """Forward solver budget for one phase (train or eval); None keeps the layer's own value."""
-
-    max_steps: int | None = None
-    tol: float | None = None
-
-    def apply(self, layers: list[DEQ], defaults: list[tuple[int, float]]) -> None:
-        """Set each layer's budget; ``defaults[i]`` is layer i's own (max_steps, tol)."""
-        if len(layers) != len(defaults):
-            raise ValueError(f"{len(layers)} DEQ layers but {len(defaults)} default budgets")
-        for layer, (max_steps, tol) in zip(layers, defaults):
-            layer.max_steps = self.max_steps if self.max_steps is not None else max_steps
-            layer.tol = self.tol if self.tol is not None else tol
 
 
 @dataclass
@@ -70,11 +52,6 @@ class JacobianSchedule:
             return True
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return bool(torch.rand((), generator=g) < self.probability)
-
-
-def set_jacobian(layers: Iterable[DEQ], regularizer: JacobianRegularization | None) -> None:
-    for layer in layers:
-        layer.jacobian_regularization = regularizer
 
 
 def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:

@@ -20,7 +20,6 @@ from mdeq.lightning.classification import ClassificationModule, backbone_state
 from mdeq.lightning.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
 from mdeq.lightning.data.base import ClassificationDataModule
 from mdeq.lightning.equilibrium_check import equilibrium_check
-from mdeq.lightning.recipes import deq_layers
 
 TASKS: dict[str, type[ClassificationDataModule]] = {
     "digits": DigitsDataModule,
@@ -61,15 +60,12 @@ def evaluate(
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # quiet for this evaluation only
-    own = [(d, d.max_steps, d.tol) for d in deq_layers(model)]
     try:
         trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
-    finally:  # the model keeps its own solver budget; the caller's logging stays as it was
-        for d, steps, t in own:
-            d.max_steps, d.tol = steps, t
+    finally:  # the caller's logging stays as it was (the budget went with the calls)
         lightning_log.setLevel(level)
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items()} | {"num_test_samples": float(len(dm.test_set))}
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mdeq.core.backward import BackwardSpec, UnrolledBackward, get_backward
+from mdeq.core.budget import SolverBudget, current_budget
 from mdeq.core.equilibrium import solve_equilibrium
 from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy
 from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
@@ -124,8 +125,10 @@ class DEQ(nn.Module):
         mode: ``"equilibrium"`` (default: solve for z*) or ``"neural_ode"``: integrate
             dz/dt = f(z, x) - z from the initial state over ``t_span`` and return z(T) instead
             (a :class:`~mdeq.core.neural_ode.NeuralODE` instance sets method, tolerances and
-            ``gradient="adjoint"`` or ``"backprop"``). Solver, backward and tolerance settings
-            apply to equilibrium mode only.
+            ``gradient="adjoint"`` or ``"backprop"``). Solver and backward settings apply to
+            equilibrium mode only; in both modes the solution's residual is that of the returned
+            state and ``converged`` compares it with ``tol`` (in neural-ODE mode: whether z(T) is
+            an equilibrium, which a short ``t_span`` need not reach).
         t_span: (t0, T) for ``mode="neural_ode"``.
         stability: whether to check that the equilibrium found attracts plain iteration
             (spectral radius of df/dz at z* below 1; see :mod:`mdeq.core.stability`): ``"auto"``
@@ -327,40 +330,47 @@ class DEQ(nn.Module):
 
         return f_flat, z0_flat, packer, z0
 
-    def forward(self, x: Any, z0: State | None = None, *, unroll: int | None = None) -> tuple[State, DEQSolution]:
+    def forward(
+        self, x: Any, z0: State | None = None, *, unroll: int | None = None, budget: SolverBudget | None = None
+    ) -> tuple[State, DEQSolution]:
         """Solve for the equilibrium of ``f(., x)``; return ``(z_star, solution)``.
 
         ``z0`` overrides the initial guess (warm start). ``unroll=N`` skips the solver and
         backpropagates through N weight-tied applications of f instead (MDEQ's "pretraining"
         phase); the solution still reports the residual reached and, against the layer's own
-        ``tol``, which samples it brings within tolerance.
+        ``tol``, which samples it brings within tolerance. ``budget`` (a
+        :class:`~mdeq.core.budget.SolverBudget`) overrides ``max_steps``, ``tol`` and the Jacobian
+        regularization for this call only, over any enclosing :func:`~mdeq.core.budget.solver_budget`
+        block; the layer's own attributes are never changed.
         """
         f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0)
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
             begin_solve(self.f.modules())
+        max_steps, tol, jacobian, record_trace = self.budget_for_call(budget)
 
         if self.neural_ode is not None and unroll is None:
-            return self._integrate(f_flat, z0_flat, packer, z0, x)
-        use_jr = self.jacobian_regularization is not None and self.training
+            return self._integrate(f_flat, z0_flat, packer, z0, x, tol)
+        use_jr = jacobian is not None and self.training
         if unroll is not None:
             if not (isinstance(unroll, int) and unroll >= 1):
                 raise ValueError(f"unroll must be a positive number of steps, got {unroll!r}")
             # N applications of f: iterates z_0..z_N, the last f evaluation only measures z_N
-            solver, backward, tol, max_steps, policy = FixedPoint(), UnrolledBackward(), 0.0, unroll + 1, "ignore"
+            solver, backward, policy = FixedPoint(), UnrolledBackward(), "ignore"
+            solve_tol, solve_steps = 0.0, unroll + 1
         else:
-            solver, backward, tol, max_steps = self.solver, self.backward_mode, self.tol, self.max_steps
-            policy = self.on_divergence
+            solver, backward, policy = self.solver, self.backward_mode, self.on_divergence
+            solve_tol, solve_steps = tol, max_steps
         result = solve_equilibrium(
             f_flat,
             z0_flat,
             solver=solver,
             backward=backward,
-            tol=tol,
-            max_steps=max_steps,
+            tol=solve_tol,
+            max_steps=solve_steps,
             stop_mode=self.stop_mode,
             divergence_factor=self.divergence_factor,
-            record_trace=self.record_trace,
-            jacobian_regularization=self.jacobian_regularization if use_jr else None,
+            record_trace=record_trace,
+            jacobian_regularization=jacobian if use_jr else None,
             on_divergence=policy,
             throttle=self.warning_throttle,
             early_stop=getattr(self, "early_stop", True),  # (modules pickled before the option existed)
@@ -369,34 +379,25 @@ class DEQ(nn.Module):
         if self.learned_init:
             gap = z0_flat - result.forward.z.detach()
             skip_loss = gap.pow(2).sum() / max(gap.numel(), 1)  # the mean; an empty batch gives 0, not NaN
-        z_star = packer.unpack(result.output)
-        fwd = result.forward
-        converged = fwd.converged
-        if unroll is not None:  # ran exactly N steps (tol 0); report against the layer's own tol
-            tol = self.tol
-            converged = ((fwd.rel_residual if self.stop_mode == "rel" else fwd.abs_residual) <= tol) & ~fwd.diverged
         stability = None
         if unroll is None and self._stability_due():
-            stability = self._check_stability(f_flat, fwd.z, fwd.converged, policy)
-        solution = DEQSolution(
-            z_star=z_star,
-            z0=z0,
-            residual=fwd.rel_residual,
-            abs_residual=fwd.abs_residual,
-            nfe=fwd.nfe,
-            nsteps=fwd.nsteps,
-            converged=converged,
-            diverged=fwd.diverged,
-            solver=solver.name if unroll is None else f"unrolled({unroll})",
-            tol=tol,
-            stop_mode=self.stop_mode,
-            jacobian_loss=result.jacobian_loss,
-            skip_loss=skip_loss,
-            trace=fwd.trace,
-            backward_record=result.backward_record,
-            stability=stability,
+            stability = self._check_stability(f_flat, result.forward.z, result.forward.converged, policy)
+        # an unrolled pass ran exactly N steps (tol 0): it is reported against the call's tol
+        name = solver.name if unroll is None else f"unrolled({unroll})"
+        solution = DEQSolution.from_result(
+            result, packer, z0, solver=name, tol=tol, stop_mode=self.stop_mode, recheck=unroll is not None,
+            skip_loss=skip_loss, stability=stability,
         )
-        return z_star, solution
+        return solution.z_star, solution
+
+    def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
+        """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:
+        its own settings under ``budget`` and any enclosing :func:`~mdeq.core.budget.solver_budget` block."""
+        scoped = current_budget()
+        if budget is not None:
+            scoped = budget.over(scoped)
+        own = (self.max_steps, self.tol, self.jacobian_regularization, self.record_trace)
+        return own if scoped is None else scoped.resolve(*own)
 
     # ---- stability of the equilibrium ------------------------------------------------------
     def request_stability_check(self) -> None:
@@ -446,28 +447,16 @@ class DEQ(nn.Module):
                 warnings.warn(msg, StabilityWarning, stacklevel=_user_stacklevel())
         return stab
 
-    def _integrate(self, f_flat: Callable[[Tensor], Tensor], z0_flat: Tensor, packer: StatePacker, z0: State, x: Any) -> tuple[State, DEQSolution]:
-        """Neural-ODE mode: z(T) of dz/dt = f(z, x) - z, with the distance from steady state."""
+    def _integrate(self, f_flat: Callable[[Tensor], Tensor], z0_flat: Tensor, packer: StatePacker, z0: State, x: Any, tol: float) -> tuple[State, DEQSolution]:
+        """Neural-ODE mode: z(T) of dz/dt = f(z, x) - z. The record means what it means in
+        equilibrium mode: the residual is that of z(T) as an equilibrium, ``converged`` says
+        whether z(T) is one within ``tol`` (a short span need not reach it)."""
         assert self.neural_ode is not None
         leaves = [p for p in self.f.parameters() if p.requires_grad] if isinstance(self.f, nn.Module) else []
         leaves += [t for t in _tensors(x) if t.requires_grad]
         record = self.neural_ode.integrate(f_flat, z0_flat, leaves)
-        with torch.no_grad():
-            abs_r = torch.linalg.vector_norm(record.velocity, dim=1)
-            rel_r = abs_r / (torch.linalg.vector_norm(record.velocity + record.z, dim=1) + torch.finfo(abs_r.dtype).tiny)
-        ones = torch.ones_like(abs_r, dtype=torch.bool)
-        solution = DEQSolution(
-            z_star=packer.unpack(record.z),
-            z0=z0,
-            residual=rel_r,
-            abs_residual=abs_r,
-            nfe=record.nfe,
-            nsteps=record.nattempts,
-            converged=ones,
-            diverged=~ones,
-            solver=self.neural_ode.describe(),
-            tol=self.neural_ode.rtol,
-            stop_mode="rel",
+        solution = DEQSolution.from_result(
+            record.as_equilibrium_result(), packer, z0, solver=self.neural_ode.describe(), tol=tol, stop_mode=self.stop_mode, recheck=True
         )
         return solution.z_star, solution
 

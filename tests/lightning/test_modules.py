@@ -32,13 +32,19 @@ def test_training_logs_solver_statistics():
 
 
 def test_pretraining_then_solver_and_budgets():
+    """The phase budgets reach the layer for each call (seen from inside the layer's call) and
+    the layer's own max_steps is never rewritten."""
     module = ClassificationModule(**small_mdeq(pretrain_steps=2, pretrain_unroll=3, train_max_steps=5, eval_max_steps=11))
+    deq = module.deqs[0]
+    own = deq.max_steps
     seen = []
     original = module.run_backbone
+    budgets = []
+    deq.register_forward_pre_hook(lambda layer, args: budgets.append(layer.budget_for_call()[0]))
 
     def spy(x, training):
         out = original(x, training)
-        seen.append((training, out[1].solver, module.deqs[0].max_steps))
+        seen.append((training, out[1].solver, budgets[-1], out[1].nsteps))
         return out
 
     module.run_backbone = spy
@@ -46,8 +52,10 @@ def test_pretraining_then_solver_and_budgets():
     t.fit(module, datamodule=SyntheticDataModule(batch_size=8))
     train = [s for s in seen if s[0]]
     assert [s[1] for s in train] == ["unrolled(3)", "unrolled(3)", "anderson", "anderson"]
-    assert all(s[2] == 5 for s in train)
-    assert all(s[2] == 11 for s in seen if not s[0])
+    assert all(s[2] == 5 for s in train) and all(s[3] <= 5 for s in train[2:])
+    evals = [s for s in seen if not s[0]]
+    assert evals and all(s[2] == 11 and s[3] <= 11 for s in evals)
+    assert deq.max_steps == own and deq.budget_for_call()[0] == own
 
 
 def test_jacobian_schedule():
