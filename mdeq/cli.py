@@ -3,6 +3,7 @@ a few mdeq commands (demo, solvers, models)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def overview() -> str:
         "",
         "usage: mdeq {fit,validate,test,predict} --config configs/<task>/<model>.yaml [--key value ...]",
         "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
-        "       mdeq test --model <zoo name> --data <task>     (evaluate shipped weights)",
+        "       mdeq test --model <zoo name> [--data-root DIR]  (evaluate shipped weights on their task's test split)",
         "       mdeq export --checkpoint <ckpt> --name <name> --task <task> --config <yaml>",
         "       mdeq demo | mdeq solvers | mdeq models",
         "",
@@ -47,15 +48,6 @@ def _lightning_cli(argv: list[str]) -> None:
     from mdeq.lightning.cli import run_lightning_cli
 
     run_lightning_cli(None if argv == sys.argv[1:] else argv)  # (both given: Lightning warns)
-
-
-def _input_shape(model: object) -> tuple[int, ...]:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "in_channels"):
-        return (cfg.in_channels, *cfg.image_size)
-    if hasattr(model, "in_channels") and hasattr(model, "image_size"):
-        return (model.in_channels, model.image_size, model.image_size)  # type: ignore[attr-defined]
-    return (1,)
 
 
 def _from_config(path: str, overrides: list[str]) -> tuple[object, object]:
@@ -83,7 +75,6 @@ def _from_config(path: str, overrides: list[str]) -> tuple[object, object]:
 
 def doctor(argv: list[str]) -> int:
     """``mdeq doctor``: diagnose a model's DEQ layer on a batch and recommend changes."""
-    import argparse
 
     import torch
 
@@ -92,7 +83,7 @@ def doctor(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="mdeq doctor", description="Why does a DEQ (not) converge, and what should change?")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a zoo model name (random batch of its input shape)")
+    src.add_argument("--model", help="a zoo model name (a random batch of the input shape of its task)")
     src.add_argument("--config", help="a training config: its model and one real training batch")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape for --model (default: the model's)")
@@ -107,7 +98,7 @@ def doctor(argv: list[str]) -> int:
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         model = zoo.create(a.model)
-        shape = tuple(a.input_shape) if a.input_shape else _input_shape(model)
+        shape = tuple(a.input_shape) if a.input_shape else zoo.entry(a.model).input_shape  # from the model's task
         batch = torch.randn(a.batch_size, *shape)
     else:
         model, batch = _from_config(a.config, rest)
@@ -122,17 +113,22 @@ def doctor(argv: list[str]) -> int:
     return 0
 
 
-def test_zoo_model(argv: list[str]) -> int:
-    """``mdeq test --model <zoo name> --data <task>``: evaluate shipped weights on a test split."""
-    import argparse
+def zoo_test_parser() -> argparse.ArgumentParser:
+    """The flags of ``mdeq test --model NAME`` (shipped weights on their task's test split)."""
 
-    import zoo
-    from mdeq.lightning.cli import summary_line
-    from mdeq.lightning.zoo_tools import TASKS, evaluate
+    from mdeq.data.tasks import list_tasks
 
-    p = argparse.ArgumentParser(prog="mdeq test --model", description="evaluate a zoo model's shipped weights")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, choices=sorted(TASKS))
+    p = argparse.ArgumentParser(
+        prog="mdeq test",
+        description=(
+            "Evaluate a zoo model's shipped weights on the test split of its task (--model NAME), or run "
+            "Lightning's test loop on a training config (--config FILE; its options follow below)."
+        ),
+        add_help=False,
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this help (the zoo flags, then Lightning's) and exit")
+    p.add_argument("--model", required=True, help="a zoo model with shipped weights (see `mdeq models`)")
+    p.add_argument("--data", choices=list_tasks(readable=True), default=None, help="the task (default: the one in the model's card)")
     p.add_argument("--data-root", default=None, help="dataset root (default $MDEQ_DATA or ./data)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-steps", type=int, default=None, help="solver steps (default: the model card's)")
@@ -142,36 +138,72 @@ def test_zoo_model(argv: list[str]) -> int:
         "--equilibrium-check", action="store_true",
         help="also measure at 2x and 5x the solver steps (tol /2, /10): does accuracy hold as the solve tightens?",
     )
+    return p
+
+
+def test_or_validate(subcommand: str, argv: list[str]) -> int:
+    """``mdeq test`` / ``mdeq validate``: one command line. With ``--model NAME`` (test only) the
+    zoo's weights are measured by :func:`mdeq.evaluation.evaluate`; otherwise Lightning's loop
+    runs on a config. ``--help`` shows both sets of flags."""
+    if "-h" in argv or "--help" in argv:
+        if subcommand == "test":
+            print(zoo_test_parser().format_help())
+            print("With --config FILE instead of --model, `mdeq test` is Lightning's test loop:\n")
+        _lightning_cli([subcommand, "--help"])  # exits after printing
+        return 0
+    if "--model" not in argv and not any(x.startswith("--model=") for x in argv):
+        _lightning_cli([subcommand, *argv])
+        return 0
+    if subcommand == "validate":
+        print(
+            "mdeq: error: `mdeq validate --model` has no split to measure: a validation split belongs to a training "
+            "config (mdeq validate --config FILE). Shipped weights are measured on their task's test split: mdeq test --model NAME",
+            file=sys.stderr,
+        )
+        return 2
+    return test_zoo_model(argv)
+
+
+def test_zoo_model(argv: list[str]) -> int:
+    """``mdeq test --model <zoo name>``: evaluate shipped weights on their task's test split."""
+    import zoo
+    from mdeq.core.budget import SolverBudget
+    from mdeq.evaluation import evaluate
+    from mdeq.lightning.cli import summary_line
+
+    p = zoo_test_parser()
     a = p.parse_args(argv)
-    for flag, value in (("--max-steps", a.max_steps), ("--tol", a.tol), ("--limit", a.limit)):
+    for flag, value in (("--max-steps", a.max_steps), ("--tol", a.tol), ("--limit", a.limit), ("--batch-size", a.batch_size)):
         if value is not None and value <= 0:
             p.error(f"{flag} must be positive, got {value}")
     model = zoo.create(a.model, pretrained=True)
-    trained_on = zoo.card(a.model).get("task")
-    if trained_on != a.data:
+    trained_on = zoo.card(a.model).task
+    if a.data is not None and trained_on != a.data:
         p.error(f"{a.model} was trained for the task {trained_on!r}, not {a.data!r} (other classes and input shape); use --data {trained_on}")
-    m = evaluate(model, a.data, a.data_root, a.batch_size, a.limit, max_steps=a.max_steps, tol=a.tol)
-    print(summary_line({f"test/{k}": v for k, v in m.items()}))
+    budget = SolverBudget(max_steps=a.max_steps, tol=a.tol)
+    m = evaluate(model, trained_on, budget, root=a.data_root, limit=a.limit, batch_size=a.batch_size)
+    print(summary_line({"test/acc": m.accuracy, "test/top5": m.top5, "test/nfe": m.nfe, "test/residual_mean": m.residual_mean,
+                        "test/residual_max": m.residual_max, "test/converged_fraction": m.converged_fraction}))
     if a.equilibrium_check:
-        from mdeq.lightning.equilibrium_check import default_budgets, equilibrium_check, format_check
+        from mdeq.equilibrium_check import default_budgets, equilibrium_check, format_check
 
         budgets = default_budgets(model, a.max_steps, a.tol)  # around the budget chosen above
-        print(format_check(equilibrium_check(model, a.data, a.data_root, a.limit, budgets, a.batch_size, first_metrics=m)))
+        print(format_check(equilibrium_check(model, trained_on, a.data_root, a.limit, budgets, a.batch_size, first_metrics=m)))
     return 0
 
 
 def export(argv: list[str]) -> int:
     """``mdeq export``: a trained Lightning checkpoint -> checkpoints/<name>.safetensors + card."""
-    import argparse
     import json
     import shlex
 
-    from mdeq.lightning.zoo_tools import EVALUATION_SOLVER_OPTIONS, TASKS, check_solver_settings, export_checkpoint
+    from mdeq.data.tasks import list_tasks
+    from zoo.export import EVALUATION_SOLVER_OPTIONS, check_export_name, check_solver_settings, export_checkpoint
 
     p = argparse.ArgumentParser(prog="mdeq export", description="export a trained checkpoint to the zoo (weights + model card)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", required=True, choices=list_tasks(readable=True))
     p.add_argument("--config", required=True, help="the training config the checkpoint came from")
     p.add_argument("--out-dir", default="checkpoints")
     p.add_argument("--force", action="store_true", help="replace an existing <out-dir>/<name>.safetensors and .json")
@@ -182,8 +214,6 @@ def export(argv: list[str]) -> int:
         help=f"evaluate and ship the model with this DEQ solver setting instead of the architecture's default ({', '.join(EVALUATION_SOLVER_OPTIONS)}; repeatable), e.g. max_steps=60",
     )
     a = p.parse_args(argv)
-    from mdeq.lightning.zoo_tools import check_export_name
-
     try:
         check_export_name(a.name)
     except ValueError as err:
@@ -214,10 +244,10 @@ def export(argv: list[str]) -> int:
         p.error(str(err))
     command = " ".join(shlex.quote(x) for x in ["mdeq", "export", *argv])
     card = export_checkpoint(a.checkpoint, a.name, a.task, a.config, a.out_dir, a.data_root, command=command, notes=notes, solver_settings=settings, overwrite=a.force)
-    print(json.dumps(card["metrics"], indent=2))
-    from mdeq.lightning.equilibrium_check import format_check
+    print(json.dumps(card.to_dict()["metrics"], indent=2))
+    from mdeq.equilibrium_check import format_check
 
-    print(format_check(card["equilibrium_check"]))  # a lost equilibrium says so here, and the zoo tests refuse it
+    print(format_check(card.to_dict()["equilibrium_check"]))  # a lost equilibrium says so here, and the zoo tests refuse it
     return 0
 
 
@@ -227,14 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     ``MDEQ_DEBUG=1`` shows the full traceback instead."""
     import os
 
-    from mdeq.lightning.data.base import DatasetNotFoundError
+    from mdeq.data.sources import DatasetNotFoundError
+    from mdeq.data.tasks import UnknownTaskError
     from mdeq.lightning.errors import ConfigError
     from zoo.registry import UnknownModelError
     from zoo.weights import WeightsError
 
     try:
         return _main(argv)
-    except (DatasetNotFoundError, UnknownModelError, WeightsError, ConfigError) as err:
+    except (DatasetNotFoundError, UnknownModelError, UnknownTaskError, WeightsError, ConfigError) as err:
         if os.environ.get("MDEQ_DEBUG"):
             raise
         print(f"mdeq: error: {err}", file=sys.stderr)
@@ -269,8 +300,8 @@ def _main(argv: list[str] | None) -> int:
         return doctor(argv[1:])
     if argv[0] == "export":
         return export(argv[1:])
-    if argv[0] in ("test", "validate") and "--model" in argv:
-        return test_zoo_model(argv[1:])
+    if argv[0] in ("test", "validate"):
+        return test_or_validate(argv[0], argv[1:])
     if argv[0] == "models":
         import zoo
 

@@ -156,3 +156,21 @@ def test_diagnosis_figure_goes_to_a_logger_or_a_file(tmp_path):
     diag = mdeq.diagnose(mdeq_digits().train(), torch.randn(2, 1, 8, 8))
     assert diag.log_figure(CSVLogger(str(tmp_path)), fallback_path=str(tmp_path / "d.png")) == str(tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 10_000
+
+
+HEAVY_ARCHITECTURES = ("mdeq_imagenet_small", "mdeq_large")
+"""Registered architectures whose doctor run takes minutes on a CPU (224x224 inputs, ~10M parameters)."""
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY_ARCHITECTURES else n for n in __import__("zoo").list_models()],
+)
+def test_doctor_runs_for_every_registered_model(name, capsys):
+    """The input shape comes from the model's task (no guessing): every zoo name works."""
+    import zoo
+
+    assert main(["doctor", "--model", name, "--batch-size", "2", "--json", "--figure", ""]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["batch_size"] == 2 and report["recommendations"] is not None
+    assert zoo.entry(name).input_shape == zoo.entry(name).task_info.input_shape

@@ -1,19 +1,23 @@
-"""The mdeq model zoo: named architectures per task, pretrained weights with model cards.
+"""The mdeq model zoo: named architectures per task, pretrained weights with typed model cards.
 
 >>> import zoo
 >>> zoo.list_models(details=True)
 >>> model = zoo.create("mdeq_digits", pretrained=True)
->>> zoo.card("mdeq_digits")["metrics"]
+>>> zoo.card("mdeq_digits").metrics.test_accuracy
 """
 
-from zoo.registry import ZooEntry, card, create, entry, list_models, register_model, register_pretrained
+from zoo.card import CardError, ModelCard, read_card, write_card
+from zoo.registry import UnknownModelError, ZooEntry, card, create, entry, list_models, register_model
 from zoo.weights import WeightsError, load_weights, read_tensors, save_weights, sha256_of
-from zoo import architectures  # noqa: F401,E402  (registers the architectures and pretrained entries)
+from zoo import architectures  # noqa: F401,E402  (declares the models and their shipped weights)
 from zoo.timm_models import register_all as _register_with_timm  # noqa: E402
 
 _register_with_timm(list_models())
 
 __all__ = [
+    "CardError",
+    "ModelCard",
+    "UnknownModelError",
     "WeightsError",
     "ZooEntry",
     "card",
@@ -21,9 +25,10 @@ __all__ = [
     "entry",
     "list_models",
     "load_weights",
+    "read_card",
     "read_tensors",
     "register_model",
-    "register_pretrained",
     "save_weights",
     "sha256_of",
+    "write_card",
 ]

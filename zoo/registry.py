@@ -1,4 +1,8 @@
-"""Registry of named models: architectures (random init) and, where weights ship, their cards."""
+"""Registry of named models: architectures (random init) and, where weights ship, their cards.
+
+Every architecture is declared once, with its task and its shipped weights
+(:func:`register_model`, called in :mod:`zoo.architectures`); the task (:mod:`mdeq.data.tasks`)
+gives the input shape, the card (:mod:`zoo.card`) everything measured."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from zoo.weights import WeightsError, check_sha256_field, checkpoint_dirs, find_checkpoint, load_weights, read_card
+from mdeq.data.tasks import Task, get_task
+from zoo.card import CardError, ModelCard, read_card
+from zoo.weights import WeightsError, check_sha256_field, checkpoint_dirs, find_checkpoint, load_weights
 
 CARD_SOLVER_BOUNDS = {"max_steps": (1, 10_000), "tol": (0.0, 1.0)}
 """What a card may set for the DEQ solve it ships with: ``max_steps`` an integer in [1, 10000],
@@ -17,14 +23,24 @@ CARD_SOLVER_BOUNDS = {"max_steps": (1, 10_000), "tol": (0.0, 1.0)}
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A named model: an architecture constructor with fixed keyword arguments, and optionally
-    the task it was trained on and its weights file (in ``checkpoints/``, card beside it)."""
+    """A named model: an architecture constructor with fixed keyword arguments, the task whose
+    inputs it takes, and for shipped weights their file (in ``checkpoints/``, card beside it)."""
 
     name: str
     architecture: Callable[..., nn.Module]
+    task: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    task: str | None = None
     weights: str | None = None
+
+    @property
+    def task_info(self) -> Task:
+        """The :class:`~mdeq.data.tasks.Task` (dataset, preprocessing, input shape, classes)."""
+        return get_task(self.task)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input sample's shape, from the task."""
+        return self.task_info.input_shape
 
     @property
     def card_file(self) -> str | None:
@@ -41,19 +57,20 @@ class UnknownModelError(ValueError):
     """No model is registered under the requested name (the message lists close matches)."""
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register an architecture constructor under its function name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"a model named {fn.__name__!r} is already registered")
-    _MODELS[fn.__name__] = ZooEntry(fn.__name__, fn)
+def register_model(fn: Callable[..., nn.Module], task: str, pretrained: dict[str, str] | None = None) -> Callable[..., nn.Module]:
+    """Declare an architecture constructor under its function name, with the task whose inputs it
+    takes; ``pretrained`` names the entries whose weights ship, each with the task it was trained
+    on (weights ``checkpoints/<entry>.safetensors``, card ``<entry>.json``). One call per model."""
+    get_task(task)  # an unknown task is an error here, not when the model is first used
+    entries = [ZooEntry(fn.__name__, fn, task)]
+    for name, trained_on in (pretrained or {}).items():
+        get_task(trained_on)
+        entries.append(ZooEntry(name, fn, trained_on, weights=f"{name}.safetensors"))
+    for e in entries:
+        if e.name in _MODELS:
+            raise ValueError(f"a model named {e.name!r} is already registered")
+    _MODELS.update((e.name, e) for e in entries)
     return fn
-
-
-def register_pretrained(name: str, architecture: Callable[..., nn.Module], task: str, weights: str, **kwargs: Any) -> None:
-    """Register a task-specific model whose weights ship in ``checkpoints/<weights>``."""
-    if name in _MODELS and _MODELS[name].weights is not None:
-        raise ValueError(f"pretrained model {name!r} is already registered")
-    _MODELS[name] = ZooEntry(name, architecture, dict(kwargs), task, weights)
 
 
 def list_models(details: bool = False, pretrained: bool | None = None) -> list[Any]:
@@ -69,12 +86,13 @@ def list_models(details: bool = False, pretrained: bool | None = None) -> list[A
         info: dict[str, Any] = {"name": n, "task": e.task, "weights": e.weights_path() is not None}
         if info["weights"]:
             c = card(n)
-            info.update(params=c.get("num_params"), test_accuracy=c.get("metrics", {}).get("test_accuracy"))
+            info.update(params=c.num_params, test_accuracy=c.metrics.test_accuracy)
         rows.append(info)
     return rows
 
 
 def entry(name: str) -> ZooEntry:
+    """The registration of ``name`` (an unknown name lists close matches and all models)."""
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -82,13 +100,20 @@ def entry(name: str) -> ZooEntry:
     return _MODELS[name]
 
 
-def card(name: str) -> dict[str, Any]:
-    """The model card (a dict) of a model with shipped weights."""
+def card(name: str) -> ModelCard:
+    """The validated model card of a model with shipped weights; it must describe this entry
+    (its name, architecture and task)."""
     e = entry(name)
     path = e.weights_path()
     if path is None or e.card_file is None:
         raise ValueError(f"{name!r} has no shipped weights, so no model card")
-    return read_card(path.with_name(e.card_file))
+    card_path = path.with_name(e.card_file)
+    c = read_card(card_path)
+    expected = {"name": e.name, "architecture": e.architecture.__name__, "task": e.task, "weights_file": e.weights}
+    for key, value in expected.items():
+        if getattr(c, key) != value:
+            raise CardError(f"model card {card_path}: field {key!r} is {getattr(c, key)!r}, but the zoo registers {name!r} with {value!r}")
+    return c
 
 
 def _build(e: ZooEntry, kwargs: dict[str, Any]) -> nn.Module:
@@ -149,13 +174,13 @@ def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if path is None:
         raise WeightsError(f"weights {e.weights!r} for {name!r} not found in {[str(d) for d in checkpoint_dirs()]}")
     card_path = path.with_name(e.card_file)  # type: ignore[arg-type]
-    c = read_card(card_path)
-    sha256 = check_sha256_field(c.get("sha256"), f"model card {card_path}")
-    arch_kwargs = check_card_kwargs(c.get("architecture_kwargs", {}), f"model card {card_path}")
+    c = card(name)
+    sha256 = check_sha256_field(c.sha256, f"model card {card_path}")
+    arch_kwargs = check_card_kwargs(c.architecture_kwargs, f"model card {card_path}")
     model = _build(e, {**arch_kwargs, **e.kwargs, **kwargs})
     # Fine-tuning to another class count: everything but the classifier's output layer loads.
-    trained = c.get("num_classes", 10)
-    if not isinstance(trained, int) or isinstance(trained, bool) or trained < 1:
+    trained = c.num_classes
+    if trained < 1:
         raise WeightsError(f"model card {card_path}: field 'num_classes' must be a positive integer, got {trained!r}")
     wanted = kwargs.get("num_classes", trained)
     load_weights(model, path, sha256=sha256, new_classes=(trained, wanted) if wanted != trained else None)

@@ -8,7 +8,6 @@ load is checked against the card's SHA-256 and the model's parameter names and s
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -172,15 +171,10 @@ def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, str]
     return sha256_of(path)
 
 
-def write_card(path: str | Path, card: Mapping[str, Any]) -> None:
-    Path(path).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-
-
-def read_card(path: str | Path) -> dict[str, Any]:
-    try:
-        card = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise WeightsError(f"model card {path} is missing or not valid JSON: {err}") from err
-    if not isinstance(card, dict):
-        raise WeightsError(f"model card {path} must be a JSON object, got {type(card).__name__}")
-    return card
+def backbone_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's tensors from a training module's state dict (keys ``backbone.*``, prefix
+    dropped); a mapping without that prefix is taken to be a backbone's own state dict already."""
+    prefix = "backbone."
+    if not any(k.startswith(prefix) for k in tensors):
+        return dict(tensors)
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mdeq.core.budget import KEEP, SolverBudget, solver_budget
 from mdeq.core.jacobian import JacobianRegularization, probe_keys
 from mdeq.core.solution import DEQSolution
+from mdeq.nn.deq import deq_layers
 from mdeq.lightning.recipes import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -24,7 +25,6 @@ from mdeq.lightning.recipes import (
     build_optimizer,
     build_scheduler,
     capture_rng_state,
-    deq_layers,
     restore_rng_state,
 )
 
@@ -59,15 +59,6 @@ def build_backbone(
     return zoo.create(backbone, **kwargs).train()
 
 
-def backbone_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The backbone's tensors from a module's state dict (keys ``backbone.*``, prefix dropped);
-    a mapping without that prefix is taken to be a backbone's own state dict already."""
-    prefix = "backbone."
-    if not any(k.startswith(prefix) for k in tensors):
-        return dict(tensors)
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def load_backbone_weights(model: nn.Module, path: str, sha256: str | None = None) -> nn.Module:
     """Start ``model`` from the weights in ``path``: a Lightning checkpoint of an mdeq module (its
     ``backbone.`` tensors), a zoo ``.safetensors`` file or a plain state dict. Read without running
@@ -75,13 +66,14 @@ def load_backbone_weights(model: nn.Module, path: str, sha256: str | None = None
     values be finite. The file's SHA-256 must equal ``sha256`` when given, and the ``sha256`` of a
     model card beside it (``<stem>.json``, as ``mdeq export`` writes) when there is one. Only the
     weights load: optimiser, schedule and step count start fresh (resuming is ``--ckpt_path``)."""
-    from zoo.weights import WeightsError, check_compatible, check_sha256_field, check_values, read_card, read_tensors, sha256_of
+    from zoo.card import read_card
+    from zoo.weights import WeightsError, backbone_state, check_compatible, check_sha256_field, check_values, read_tensors, sha256_of
 
     source = f"init_weights {path}"
     card = Path(path).with_suffix(".json")
     expected = [(check_sha256_field(sha256, f"{source}: init_weights_sha256"), "init_weights_sha256")] if sha256 is not None else []
     if Path(path).suffix == ".safetensors" and card.is_file():
-        expected.append((check_sha256_field(read_card(card).get("sha256"), f"model card {card}"), f"the card {card}"))
+        expected.append((check_sha256_field(read_card(card).sha256, f"model card {card}"), f"the card {card}"))
     if expected and Path(path).is_file():
         actual = sha256_of(path)
         for want, where in expected:
@@ -104,7 +96,7 @@ def weights_origin(backbone: Union[str, nn.Module], pretrained: bool, init_weigh
     if pretrained and isinstance(backbone, str):
         import zoo
 
-        return {"zoo_weights": backbone, "sha256": zoo.card(backbone).get("sha256", "")}
+        return {"zoo_weights": backbone, "sha256": zoo.card(backbone).sha256}
     return None
 
 

@@ -207,7 +207,7 @@ def constructor_error(err: BaseException) -> BaseException:
     themselves (bad weights, a missing dataset) are returned as they are."""
     import re
 
-    from mdeq.lightning.data.base import DatasetNotFoundError
+    from mdeq.data.sources import DatasetNotFoundError
     from zoo.weights import WeightsError
 
     if isinstance(err, ConfigError):  # already says what it is (e.g. from instantiate_trainer)

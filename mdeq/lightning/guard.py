@@ -31,9 +31,7 @@ class ConvergenceGuard(pl.Callback):
     - When, over the last ``budget_window`` steps, fewer than ``min_converged_fraction`` of the
       samples reached the tolerance itself (even if they came near it), the network may be
       learning the truncated iteration rather than an equilibrium. Such a model loses accuracy
-      when evaluated with more solver steps (seen twice on CIFAR-10 with a conv DEQ at 15 training
-      steps: with the Jacobian-free backward, 68% at 25 steps fell to 59% at 150; with the implicit
-      backward and a fixed Jacobian weight of 0.5, 74.6% fell to 64.8%). The guard then goes
+      when evaluated with more solver steps (:mod:`mdeq.equilibrium_check` measures it). The guard then goes
       through ``budget_actions``, one per failing window: "warn" (once), "increase_jacobian" (as
       above; when it is the last action it repeats every failing window until
       ``max_jacobian_weight``), "stop". The default only warns.
@@ -256,6 +254,6 @@ class ConvergenceGuard(pl.Callback):
 
 
 def _deq_layers(module: torch.nn.Module) -> list[Any]:
-    from mdeq.nn.deq import DEQ
+    from mdeq.nn.deq import deq_layers
 
-    return [m for m in module.modules() if isinstance(m, DEQ)]
+    return deq_layers(module)

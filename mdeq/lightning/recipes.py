@@ -11,15 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdeq.nn.deq import DEQ
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
-
-
-def deq_layers(module: nn.Module) -> list[DEQ]:
-    """Every DEQ layer inside ``module``."""
-    return [m for m in module.modules() if isinstance(m, DEQ)]
 
 
 @dataclass

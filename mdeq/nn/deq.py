@@ -461,6 +461,11 @@ class DEQ(nn.Module):
         return solution.z_star, solution
 
 
+def deq_layers(module: nn.Module) -> list[DEQ]:
+    """Every DEQ layer inside ``module`` (the module itself included), in ``modules()`` order."""
+    return [m for m in module.modules() if isinstance(m, DEQ)]
+
+
 def _neural_ode_mode(mode: Any, t_span: Any, f: Any, jacobian_regularization: Any) -> NeuralODE | None:
     """Validate ``mode``/``t_span``; the :class:`NeuralODE` options in neural-ODE mode, else None."""
     if isinstance(mode, NeuralODE):

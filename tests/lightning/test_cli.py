@@ -64,7 +64,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     import torch
 
     import zoo
-    from mdeq.lightning.zoo_tools import export_checkpoint
+    from zoo.export import export_checkpoint
     from zoo.weights import load_weights, sha256_of
 
     small = {"channels": [8, 8], "head_channels": [2, 4], "final_channels": 16, "expansion": 2, "backward": {"name": "phantom", "steps": 1}}
@@ -88,13 +88,15 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     ]) == 0
     card = json.loads((out / "tiny_digits.json").read_text())
     assert card["sha256"] == sha256_of(out / "tiny_digits.safetensors")
-    assert card["selection"] == "the last checkpoint" and card["reference"] == {"accuracy": 0.98}
+    assert card["provenance"]["selection"] == "the last checkpoint" and card["reference"] == {"accuracy": 0.98, "source": ""}
+    assert card["schema_version"] == 1 and card["license"] == "MIT" and zoo.read_card(out / "tiny_digits.json").name == "tiny_digits"
     # the backward shapes training only: kept out of the architecture, recorded under training
     assert "backward" not in card["architecture_kwargs"] and card["architecture_kwargs"]["channels"] == [8, 8]
-    assert card["training"]["backbone_kwargs"] == {"backward": {"name": "phantom", "steps": 1}}
+    assert card["provenance"]["training"]["backbone_kwargs"] == {"backward": {"name": "phantom", "steps": 1}}
     # evaluation solver settings replace the architecture's defaults, in the card and in the model
     assert card["architecture_kwargs"]["max_steps"] == 7 and card["solver"]["max_steps"] == 7 and card["solver"]["tol"] == 0.005
-    assert card["exported_with"].startswith("mdeq export --checkpoint")
+    assert card["provenance"]["exported_with"].startswith("mdeq export --checkpoint")
+    assert card["provenance"]["measured_with"] == "mdeq test --model tiny_digits"
     # the equilibrium check runs around the shipped budget, on the same test images
     check = card["equilibrium_check"]
     assert [(r["max_steps"], r["tol"]) for r in check["rows"]] == [(7, 0.005), (14, 0.0025), (35, pytest.approx(0.0005))]
@@ -108,7 +110,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
     # a file (init_weights): the card names the architecture and records where training started
     from zoo import registry
 
-    registry.register_pretrained("digits_alias_for_test", zoo.entry("mdeq_digits").architecture, "digits", "none.safetensors")
+    registry._MODELS["digits_alias_for_test"] = registry.ZooEntry("digits_alias_for_test", zoo.entry("mdeq_digits").architecture, "digits", weights="none.safetensors")
     try:
         recorded = {"init_weights": "first.ckpt", "sha256": "ab" * 32}  # kept in the checkpoint by the module: wins over hparams
         for started, kept in (({"pretrained": True}, None), ({"init_weights": "runs/first.ckpt"}, None), ({"init_weights": "first.ckpt"}, recorded)):
@@ -118,12 +120,12 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
                 whole["mdeq_started_from"] = kept
             torch.save(whole, tmp_path / "continued.ckpt")
             again = export_checkpoint(str(tmp_path / "continued.ckpt"), "continued", "digits", "c.yaml", str(out), overwrite=True)
-            assert again["architecture"] == "mdeq_digits" and again["architecture_kwargs"]["channels"] == [8, 8]
+            assert again.architecture == "mdeq_digits" and again.architecture_kwargs["channels"] == [8, 8]
             expected = kept or ({"zoo_weights": "digits_alias_for_test"} if "pretrained" in started else started)
-            assert again["training"]["started_from"] == expected
+            assert again.provenance.training["started_from"] == expected
     finally:
         del registry._MODELS["digits_alias_for_test"]
-    assert "started_from" not in card["training"]
+    assert "started_from" not in card["provenance"]["training"]
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", ckpt[0], "--name", "x", "--task", "digits", "--config", "c.yaml", "--note", "no-equals-sign"])
     with pytest.raises(SystemExit):
@@ -135,7 +137,7 @@ def test_export_writes_verified_weights_and_a_card_from_a_trained_checkpoint(tmp
 
 
 def test_export_refuses_paths_hidden_names_overwrites_and_missing_configs(tmp_path, capsys):
-    from mdeq.lightning.zoo_tools import export_checkpoint
+    from zoo.export import export_checkpoint
 
     out = tmp_path / "zoo_out"
     out.mkdir()
@@ -269,3 +271,19 @@ def test_invalid_option_from_the_shell_prints_no_traceback(tmp_path):
                            "--trainer.logger", "false", "--model.init_args.min_lr_ratio", "-1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("mdeq: error: mdeq.lightning.ClassificationModule: min_lr_ratio")
+
+
+def test_test_and_validate_are_one_command_line(capsys):
+    """`mdeq test --help` lists the zoo flags and Lightning's; `--data` defaults to the card's task;
+    `mdeq validate --model` says why it has nothing to measure instead of measuring the test split."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--data-root", "--max-steps", "--equilibrium-check", "--limit", "--config", "--ckpt_path", "--trainer.accelerator"):
+        assert flag in out, flag
+    assert main(["test", "--model", "mdeq_digits", "--limit", "40"]) == 0
+    assert "RESULT: test accuracy" in capsys.readouterr().out
+    assert main(["validate", "--model", "mdeq_digits"]) == 2
+    err = capsys.readouterr().err
+    assert "has no split to measure" in err and "mdeq test --model NAME" in err

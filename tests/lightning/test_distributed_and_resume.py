@@ -57,8 +57,11 @@ DDP_SCRIPT = textwrap.dedent(
 
     mode, out, variant, jac = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     pl.seed_everything(0, verbose=False)
-    # the shipped families, small: BatchNorm in stem and head (GroupNorm inside the DEQ)
-    ZOO = {"mdeq_digits": ("mdeq_digits", dict(channels=[8, 8], head_channels=[2, 4], final_channels=16, tol=1e-6, max_steps=60)),
+    # the shipped families, small: BatchNorm in stem and head (GroupNorm inside the DEQ). mdeq_digits
+    # solves to tol 1e-5: its residuals settle near 8e-7, so at tol 1e-6 (the float32 noise floor
+    # of a relative residual) the step that meets tol, and so the iterate returned, would be decided
+    # by the order of a sum, and the two runs would differ by more than float noise.
+    ZOO = {"mdeq_digits": ("mdeq_digits", dict(channels=[8, 8], head_channels=[2, 4], final_channels=16, tol=1e-5, max_steps=60)),
            "conv_deq": ("conv_deq_small", dict(in_channels=1, image_size=8, pool=2, channels=8, inner_channels=8, tol=1e-6, max_steps=60))}
     if variant in ZOO:
         import zoo

@@ -246,3 +246,39 @@ def test_guard_checks_the_stability_of_large_states_periodically():
         warnings.simplefilter("always")
         trainer.fit(quiet, datamodule=DigitsDataModule(batch_size=32))
     assert not [w for w in caught if issubclass(w.category, StabilityWarning)] and quiet.backbone.deq.last_stability is None
+
+
+def test_a_users_own_layer_settings_survive_training_the_guard_and_evaluation():
+    """Budgets go with the calls: a tol, max_steps and Jacobian setting the user put on the layer
+    are what the layer holds after training with other phase budgets and a Jacobian schedule,
+    after the guard escalated, and after an evaluation at yet another budget."""
+    from mdeq.core.budget import SolverBudget
+    from mdeq.evaluation import evaluate
+
+    pl.seed_everything(0, verbose=False)
+    backbone = Backbone()
+    deq = backbone.deq
+    deq.tol, deq.max_steps = 3e-4, 17  # the user's own choice, after construction
+    own_jacobian = deq.jacobian_regularization
+    seen = []
+    deq.register_forward_pre_hook(lambda layer, args: seen.append(layer.budget_for_call()[:2]))
+    module = ClassificationModule(
+        backbone=backbone, lr=1e-3, scheduler="constant", train_max_steps=3, train_tol=1e-7, eval_max_steps=9, eval_tol=1e-3,
+        jacobian_weight=0.5,
+    )
+    # 3 steps to tol 1e-7: no sample comes near, so the guard warns and raises the Jacobian weight
+    guard = ConvergenceGuard(min_converged_fraction=0.99, window=3, actions=("warn", "increase_jacobian"), stability_every_n_steps=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=6, callbacks=[guard],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert (3, 1e-7) in seen and (9, 1e-3) in seen  # the phase budgets did reach the layer
+    assert "warn" in guard.events and any(e.startswith("increase_jacobian(") for e in guard.events)  # the guard acted
+    flat = (torch.randn(40, 64), torch.randint(0, 10, (40,)))
+    m = evaluate(backbone, flat, SolverBudget(max_steps=2, tol=1e-1))
+    assert seen[-1] == (2, 1e-1) and m.nfe <= 3
+    assert (deq.tol, deq.max_steps) == (3e-4, 17) and deq.jacobian_regularization is own_jacobian
+    assert deq.budget_for_call()[:2] == (17, 3e-4)

@@ -143,7 +143,7 @@ def test_module_can_start_from_its_own_checkpoint_or_a_weights_file(tmp_path):
     assert resumed.started_from["sha256"] != saved["sha256"]
     resumed.on_load_checkpoint(torch.load(tmp_path / "second.ckpt", map_location="cpu", weights_only=True))
     assert resumed.started_from == saved
-    assert ClassificationModule(backbone="mdeq_digits", pretrained=True).started_from == {"zoo_weights": "mdeq_digits", "sha256": zoo.card("mdeq_digits")["sha256"]}
+    assert ClassificationModule(backbone="mdeq_digits", pretrained=True).started_from == {"zoo_weights": "mdeq_digits", "sha256": zoo.card("mdeq_digits").sha256}
 
     with pytest.raises(WeightsError, match=r"init_weights .*first.ckpt does not fit .*shape mismatch"):
         ClassificationModule(backbone="mdeq_digits", backbone_kwargs=dict(small_mdeq()["backbone_kwargs"], channels=[8, 12]), init_weights=str(ckpt))

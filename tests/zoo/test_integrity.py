@@ -37,8 +37,58 @@ def _edit_card(card_path: Path, **changes) -> None:
 def test_a_card_that_cannot_verify_its_file_is_refused(private_zoo, sha):
     _, card = private_zoo
     _edit_card(card, sha256=sha)
-    with pytest.raises(WeightsError, match=r"mdeq_digits\.json: field 'sha256' must be"):
+    with pytest.raises(WeightsError, match=r"mdeq_digits\.json: (missing field 'sha256'|field 'sha256' must be)"):
         zoo.create("mdeq_digits", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"test_accuracy": 0.9}, r"unknown field\(s\) 'test_accuracy'"),
+        ({"metrics": KeyError}, r"missing field 'metrics'"),
+        ({"schema_version": 0}, r"field 'schema_version' must be 1"),
+        ({"schema_version": KeyError}, r"field 'schema_version' must be 1"),
+        ({"num_params": "43082"}, r"field 'num_params' must be an integer"),
+        ({"license": None}, r"field 'license' must be a string"),
+        ({"task": "mnist"}, r"field 'task' is 'mnist', but the zoo registers 'mdeq_digits' with 'digits'"),
+        ({"name": "other"}, r"field 'name' is 'other'"),
+    ],
+    ids=["unknown", "missing", "old-schema", "no-schema", "mistyped", "null-license", "other-task", "other-name"],
+)
+def test_a_card_that_is_not_a_valid_model_card_is_refused_by_field(private_zoo, changes, message):
+    _, card = private_zoo
+    _edit_card(card, **changes)
+    with pytest.raises(WeightsError, match=rf"mdeq_digits\.json: {message}"):
+        zoo.create("mdeq_digits", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("metrics", "test_accuracy"), "98%", r"field 'metrics\.test_accuracy' must be a number"),
+        (("metrics", "surprise"), 1, r"unknown field\(s\) 'metrics\.surprise'"),
+        (("preprocessing", "input_shape"), [1, "8", 8], r"field 'preprocessing\.input_shape\[1\]' must be an integer"),
+        (("equilibrium_check", "rows"), [{"max_steps": 30}], r"missing field 'equilibrium_check\.rows\[0\]\.tol'"),
+        (("solver", "options"), [1], r"field 'solver\.options' must be an object"),
+    ],
+)
+def test_nested_card_fields_are_checked_by_path(private_zoo, path, value, message):
+    _, card = private_zoo
+    data = json.loads(card.read_text())
+    data[path[0]][path[1]] = value
+    card.write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=message):
+        zoo.card("mdeq_digits")
+
+
+def test_a_card_round_trips_through_its_type(private_zoo):
+    from zoo.card import ModelCard, read_card, write_card
+
+    _, card = private_zoo
+    typed = read_card(card)
+    write_card(card, typed)
+    assert read_card(card) == typed and ModelCard.from_dict(typed.to_dict()) == typed
+    assert json.loads(card.read_text()) == typed.to_dict()
 
 
 def test_an_empty_card_is_refused(private_zoo):
@@ -120,7 +170,11 @@ def test_init_weights_are_checked_against_their_card_and_a_given_hash(tmp_path):
 
     start = tmp_path / "start.safetensors"
     sha = save_weights(zoo.create("mdeq_digits", **SMALL), start)
-    (tmp_path / "start.json").write_text(json.dumps({"name": "start", "sha256": sha}))
+    import dataclasses
+
+    from zoo.card import write_card
+
+    write_card(tmp_path / "start.json", dataclasses.replace(zoo.card("mdeq_digits"), name="start", weights_file=start.name, sha256=sha))
     build_backbone("mdeq_digits", SMALL, init_weights=str(start))  # matches its card
     build_backbone("mdeq_digits", SMALL, init_weights=str(start), init_weights_sha256=sha)
     with pytest.raises(WeightsError, match="init_weights_sha256"):

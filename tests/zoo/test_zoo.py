@@ -35,15 +35,16 @@ def test_at_least_one_model_ships_weights():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_card_is_complete_and_matches_the_file(name):
-    card = zoo.card(name)
-    for key in ("architecture", "architecture_kwargs", "task", "dataset", "preprocessing", "num_params", "solver", "metrics", "measured_with", "train_config", "sha256"):
-        assert key in card, key
-    path = zoo.entry(name).weights_path()
-    assert sha256_of(path) == card["sha256"]
+    card = zoo.card(name)  # typed and validated: every field present with its type
+    entry = zoo.entry(name)
+    assert (card.name, card.task, card.architecture) == (name, entry.task, entry.architecture.__name__)
+    assert card.preprocessing.input_shape == entry.input_shape and card.license
+    path = entry.weights_path()
+    assert sha256_of(path) == card.sha256
     assert path.stat().st_size < 20 * 2**20
-    assert (REPO / card["train_config"]).is_file()
+    assert (REPO / card.provenance.train_config).is_file()
     model = zoo.create(name, pretrained=True)
-    assert not model.training and sum(p.numel() for p in model.parameters()) == card["num_params"]
+    assert not model.training and sum(p.numel() for p in model.parameters()) == card.num_params
 
 
 # The accuracy each task's shipped weights must reach on the full official test split (issue #5;
@@ -61,42 +62,43 @@ DATA = Path(os.environ.get("MDEQ_DATA", REPO.parent / "shared" / "data"))
 def test_shipped_weights_reach_their_card_accuracy(name):
     """Re-measure on the real test split (digits: all 360 images; other tasks: the card's fixed
     slice of the first images), within 0.5 points of the card."""
-    from mdeq.lightning.zoo_tools import evaluate
+    from mdeq.evaluation import evaluate
 
     card = zoo.card(name)
     assert name in TARGETS, f"{name} ships weights but has no accuracy target in this test"
-    assert card["metrics"]["test_accuracy"] >= TARGETS[name]
+    assert card.metrics.test_accuracy >= TARGETS[name]
     model = zoo.create(name, pretrained=True)
-    if card["task"] == "digits":
+    if card.task == "digits":
         measured = evaluate(model, "digits")
-        assert abs(measured["acc"] - card["metrics"]["test_accuracy"]) <= 0.005
+        assert abs(measured.accuracy - card.metrics.test_accuracy) <= 0.005
         return
-    folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[card["task"]]
+    folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[card.task]
     if not (DATA / folder).is_dir():
-        pytest.skip(f"{card['task']} test data not found under {DATA} (set MDEQ_DATA to the folder holding {folder}/)")
-    sl = card["metrics"]["test_slice"]
-    measured = evaluate(model, card["task"], root=str(DATA), limit_test=sl["first_n"])
-    assert measured["num_test_samples"] == sl["first_n"]
-    assert abs(measured["acc"] - sl["accuracy"]) <= 0.005
+        pytest.skip(f"{card.task} test data not found under {DATA} (set MDEQ_DATA to the folder holding {folder}/)")
+    sl = card.metrics.test_slice
+    measured = evaluate(model, card.task, root=str(DATA), limit=sl.first_n)
+    assert measured.num_samples == sl.first_n
+    assert abs(measured.accuracy - sl.accuracy) <= 0.005
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_weights_keep_their_equilibrium(name):
     """Every card carries an equilibrium check (its own budget, then 2x and 5x the steps at a
     tighter tol) whose verdict holds: nothing ships that only works on a truncated iterate."""
-    from mdeq.lightning.equilibrium_check import equilibrium_verdict
+    from mdeq.equilibrium_check import equilibrium_verdict
 
     card = zoo.card(name)
-    check = card.get("equilibrium_check")
-    assert check, f"{name}'s card has no equilibrium check (re-export, or zoo_tools.remeasure_card)"
-    rows = check["rows"]
-    assert (rows[0]["max_steps"], rows[0]["tol"]) == (card["solver"]["max_steps"], card["solver"]["tol"])
+    check = card.equilibrium_check
+    assert check is not None, f"{name}'s card has no equilibrium check (re-export, or zoo.export.remeasure_card)"
+    rows = [vars(r) for r in check.rows]
+    assert (rows[0]["max_steps"], rows[0]["tol"]) == (card.solver.max_steps, card.solver.tol)
     assert rows[-1]["max_steps"] >= 5 * rows[0]["max_steps"] and rows[-1]["tol"] <= rows[0]["tol"] / 10 * 1.0001
-    assert equilibrium_verdict(rows) == {k: check[k] for k in ("holds", "accuracy_change", "summary")}  # not edited by hand
-    assert check["holds"], check["summary"]
+    assert equilibrium_verdict(rows) == {"holds": check.holds, "accuracy_change": check.accuracy_change, "summary": check.summary}  # not edited by hand
+    assert check.holds, check.summary
     # the first budget is the card's own, on the card's test slice: the same accuracy
-    expected = card["metrics"]["test_slice"]["accuracy"] if "test_slice" in card["metrics"] else card["metrics"]["test_accuracy"]
-    assert check["first_n"] == card["metrics"].get("test_slice", {}).get("first_n", card["metrics"]["num_test_samples"])
+    sl = card.metrics.test_slice
+    expected = sl.accuracy if sl is not None else card.metrics.test_accuracy
+    assert check.first_n == (sl.first_n if sl is not None else card.metrics.num_test_samples)
     assert rows[0]["accuracy"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -1,29 +1,17 @@
-"""Shared DataModule machinery: data roots, seeded splits, a per-epoch seeded sampler."""
+"""Shared DataModule machinery: tasks, seeded splits, a per-epoch seeded sampler."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-
-def default_data_root() -> Path:
-    """``$MDEQ_DATA`` if set, else ``./data``."""
-    return Path(os.environ.get("MDEQ_DATA", "data"))
-
-
-def default_cache_dir() -> Path:
-    """Where archives are unpacked: ``$MDEQ_CACHE`` or ``~/.cache/mdeq``."""
-    return Path(os.environ.get("MDEQ_CACHE", Path.home() / ".cache" / "mdeq"))
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the DataModule looked; the message says how to fix it."""
+from mdeq.data.normalized import NormalizedTensorDataset
+from mdeq.data.sources import DatasetNotFoundError, default_cache_dir, default_data_root  # noqa: F401 (re-exported)
+from mdeq.data.tasks import Task, get_task
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -44,58 +32,33 @@ class EpochSeededSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
 
 
-class NormalizedTensorDataset(Dataset):
-    """Images (uint8 or float, N x C x H x W) and labels; normalisation and optional CIFAR-style
-    augmentation (random crop with padding, horizontal flip) applied per item."""
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        augment: bool = False,
-        scale: float = 255.0,
-        crop_padding: int = 4,
-        flip: bool = True,
-    ) -> None:
-        self.images, self.labels = images, labels.long()
-        self.flip = flip
-        c = images.shape[1]
-        self.mean = torch.tensor(mean if mean is not None else [0.0] * c).view(c, 1, 1)
-        self.std = torch.tensor(std if std is not None else [1.0] * c).view(c, 1, 1)
-        self.scale, self.augment, self.pad = scale, augment, crop_padding
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.images[i].float() / self.scale
-        if self.augment:
-            h, w = x.shape[1:]
-            padded = torch.nn.functional.pad(x, [self.pad] * 4)
-            top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
-            x = padded[:, top : top + h, left : left + w]
-            if self.flip and bool(torch.rand(()) < 0.5):
-                x = x.flip(-1)
-        return (x - self.mean) / self.std, self.labels[i]
-
-
 class ClassificationDataModule(pl.LightningDataModule):
     """Base for image classification data: train/val/test datasets, seeded split, loaders.
 
     ``augment`` turns on random crops (zero padding ``crop_padding``) and, with ``flip``, random
     horizontal flips (right for CIFAR, wrong for digits).
 
-    Subclasses implement :meth:`load` returning (train_images, train_labels, test_images,
-    test_labels) and set ``mean``/``std``/``num_classes``/``input_shape``.
+    A DataModule of a registered task (:mod:`mdeq.data.tasks`) names it in its class statement,
+    ``class MNISTDataModule(ClassificationDataModule, task="mnist")``: normalisation, input shape,
+    classes and the file reader come from the task, declared once. Others implement :meth:`load`
+    returning (train_images, train_labels, test_images, test_labels) and set
+    ``mean``/``std``/``num_classes``/``input_shape``.
     """
 
+    task: ClassVar[Task | None] = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     num_classes: int = 10
-    input_shape: tuple[int, int, int] = (1, 28, 28)
+    input_shape: tuple[int, ...] = (1, 28, 28)
     scale: float = 255.0
+
+    def __init_subclass__(cls, task: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if task is not None:
+            t = get_task(task)
+            cls.task = t
+            cls.mean, cls.std, cls.input_shape, cls.scale = t.mean, t.std, t.input_shape, t.scale
+            cls.num_classes = t.num_classes or 0
 
     def __init__(
         self,
@@ -135,8 +98,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
-    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The arrays, read by the task's reader (from ``root``/``cache_dir`` where the module has them)."""
+        if self.task is None:  # pragma: no cover - abstract
+            raise NotImplementedError(f"{type(self).__name__} names no task; implement load()")
+        return self.task.read(getattr(self, "root", None), getattr(self, "cache_dir", None), seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

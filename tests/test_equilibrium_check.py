@@ -8,8 +8,7 @@ import torch
 
 import zoo
 from mdeq.cli import main
-from mdeq.lightning.equilibrium_check import MAX_ACCURACY_DROP, default_budgets, equilibrium_check, equilibrium_verdict, format_check
-from mdeq.lightning.zoo_tools import evaluate
+from mdeq.equilibrium_check import MAX_ACCURACY_DROP, default_budgets, equilibrium_check, equilibrium_verdict, format_check
 
 
 def row(steps: int, tol: float, acc: float, res: float) -> dict:
@@ -63,24 +62,12 @@ def test_check_on_shipped_digits_weights_holds_and_leaves_the_model_unchanged():
     assert residuals == sorted(residuals, reverse=True) and residuals[-1] < 1e-4  # tighter tol, smaller residual
     assert check["holds"], check["summary"]
     # the first budget is the card's own: the same accuracy the card reports
-    assert check["rows"][0]["accuracy"] == pytest.approx(zoo.card("mdeq_digits")["metrics"]["test_accuracy"], abs=1e-6)
+    assert check["rows"][0]["accuracy"] == pytest.approx(zoo.card("mdeq_digits").metrics.test_accuracy, abs=1e-6)
     assert "equilibrium holds" in format_check(check)
 
 
-def test_evaluate_with_a_budget_uses_it_once():
-    import logging
-
-    model = zoo.create("mdeq_digits", pretrained=True)
-    lightning_log = logging.getLogger("lightning.pytorch")
-    before = lightning_log.level
-    one_step = evaluate(model, "digits", max_steps=1)
-    assert one_step["nfe"] == 1.0 and one_step["converged_fraction"] < 1.0
-    assert evaluate(model, "digits")["nfe"] > 1.0  # back to the model's own 30 steps
-    assert lightning_log.level == before  # quiet during the evaluation only
-
-
 def test_cli_prints_the_check(capsys):
-    assert main(["test", "--model", "mdeq_digits", "--data", "digits", "--equilibrium-check", "--max-steps", "20", "--limit", "100"]) == 0
+    assert main(["test", "--model", "mdeq_digits", "--equilibrium-check", "--max-steps", "20", "--limit", "100"]) == 0
     out = capsys.readouterr().out
     assert "equilibrium check on 100 test images" in out and "equilibrium holds" in out
     assert [line.split()[0] for line in out.splitlines() if line.strip()[:3] in ("20 ", "40 ", "100")] == ["20", "40", "100"]

@@ -4,17 +4,20 @@ A DEQ trained with too few solver steps and no Jacobian regularization can learn
 an iterate that is nowhere near a fixed point: its accuracy then *falls* when the solver is given
 more steps and a tighter tolerance. :func:`equilibrium_check` measures test accuracy, converged
 fraction and residual at growing solver budgets, and :func:`equilibrium_verdict` says whether the
-equilibrium holds. Model cards record it; ``mdeq test --model NAME --data TASK --equilibrium-check``
+equilibrium holds. Model cards record it; ``mdeq test --model NAME --equilibrium-check``
 prints it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
-from mdeq.lightning.recipes import deq_layers
+from mdeq.core.budget import SolverBudget
+from mdeq.evaluation import Metrics, evaluate
+from mdeq.nn.deq import deq_layers
 
 BUDGET_SCALES: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 0.5), (5, 0.1))
 """(max_steps multiplier, tol multiplier) of each budget, relative to the model's own settings."""
@@ -63,20 +66,19 @@ def equilibrium_verdict(rows: Sequence[dict[str, Any]], max_drop: float = MAX_AC
 
 def equilibrium_check(
     model: nn.Module,
-    task: str,
-    root: str | None = None,
-    limit_test: int | None = None,
+    data: Any,
+    root: str | Path | None = None,
+    limit: int | None = None,
     budgets: Sequence[tuple[int, float]] | None = None,
     batch_size: int = 256,
-    first_metrics: dict[str, float] | None = None,
+    first_metrics: Metrics | None = None,
 ) -> dict[str, Any]:
-    """Test metrics of ``model`` on ``task`` (the first ``limit_test`` test images when given) at
-    each ``(max_steps, tol)`` budget, by default :func:`default_budgets`; the model's own settings
-    are restored afterwards. ``first_metrics``: :func:`evaluate`'s result for the first budget on
-    the same images, when the caller already has it (it is not measured again).
+    """:func:`~mdeq.evaluation.evaluate` of ``model`` on ``data`` (a task's test split, its first
+    ``limit`` images when given) at each ``(max_steps, tol)`` budget, by default
+    :func:`default_budgets`; the budgets go with the calls, the model keeps its own settings.
+    ``first_metrics``: the evaluation at the first budget on the same images, when the caller
+    already has it (it is not measured again).
     Returns ``{"first_n", "rows", "holds", "accuracy_change", "summary"}``."""
-    from mdeq.lightning.zoo_tools import evaluate
-
     budgets = list(budgets) if budgets is not None else default_budgets(model)
     rows = []
     num = 0
@@ -84,16 +86,16 @@ def equilibrium_check(
         if i == 0 and first_metrics is not None:
             m = first_metrics
         else:
-            m = evaluate(model, task, root, batch_size, limit_test, max_steps=int(steps), tol=float(tol))
-        num = int(m["num_test_samples"])
+            m = evaluate(model, data, SolverBudget(max_steps=int(steps), tol=float(tol)), root=root, limit=limit, batch_size=batch_size)
+        num = m.num_samples
         rows.append(
             {
                 "max_steps": int(steps),
                 "tol": float(tol),
-                "accuracy": m["acc"],
-                "converged_fraction": m["converged_fraction"],
-                "residual_mean": m["residual_mean"],
-                "mean_forward_nfe": m["nfe"],
+                "accuracy": m.accuracy,
+                "converged_fraction": m.converged_fraction,
+                "residual_mean": m.residual_mean,
+                "mean_forward_nfe": m.nfe,
             }
         )
     return {"first_n": num, "rows": rows, **equilibrium_verdict(rows)}
