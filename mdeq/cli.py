@@ -28,7 +28,7 @@ def overview() -> str:
         "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
         "       mdeq test --model <zoo name> [--data-root DIR]  (evaluate shipped weights on their task's test split)",
         "       mdeq export --checkpoint <ckpt> --name <name> --task <task> --config <yaml>",
-        "       mdeq demo | mdeq solvers | mdeq models",
+        "       mdeq demo | mdeq solvers | mdeq models | mdeq --version",
         "",
         "tasks and configs:",
         *[f"  {c}" for c in available_configs()],
@@ -276,6 +276,11 @@ def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
+        return 0
+    if argv[0] in ("--version", "version"):
+        from mdeq import __version__
+
+        print(f"mdeq {__version__}")
         return 0
     if argv[0] == "demo":
         import argparse

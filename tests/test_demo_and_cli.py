@@ -25,3 +25,10 @@ def test_cli_lists_solvers(capsys):
 def test_cli_rejects_unknown_solver():
     proc = subprocess.run([sys.executable, "-m", "mdeq.cli", "demo", "--solver", "andersen"], capture_output=True, text=True)
     assert proc.returncode != 0 and "invalid choice: 'andersen'" in proc.stderr
+
+
+def test_cli_prints_its_version(capsys):
+    import mdeq
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mdeq {mdeq.__version__}"

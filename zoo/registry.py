@@ -161,10 +161,18 @@ def _valid_options(fn: Callable[..., nn.Module]) -> list[str]:
 
 def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build the model registered as ``name``; ``pretrained=True`` loads its shipped weights
-    (verified: SHA-256, parameter names and shapes) and returns it in eval mode."""
+    (verified: SHA-256, parameter names and shapes) and returns it in eval mode.
+
+    An entry with shipped weights is built as its card describes it (its ``architecture_kwargs``,
+    the solver budget included) with or without ``pretrained``: ``create(name)`` plus the shipped
+    state dict computes what ``create(name, pretrained=True)`` computes."""
     e = entry(name)
     if not pretrained:
-        return _build(e, {**e.kwargs, **kwargs})
+        path = e.weights_path()
+        if path is None:
+            return _build(e, {**e.kwargs, **kwargs})
+        described = check_card_kwargs(card(name).architecture_kwargs, f"model card {path.with_name(e.card_file)}")  # type: ignore[arg-type]
+        return _build(e, {**described, **e.kwargs, **kwargs})
     if e.weights is None:
         with_weights = [n for n in list_models(pretrained=True)]
         raise ValueError(

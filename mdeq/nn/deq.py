@@ -343,6 +343,8 @@ class DEQ(nn.Module):
         regularization for this call only, over any enclosing :func:`~mdeq.core.budget.solver_budget`
         block; the layer's own attributes are never changed.
         """
+        if torch.jit.is_tracing():
+            self._check_traceable()
         f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0)
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
             begin_solve(self.f.modules())
@@ -389,6 +391,19 @@ class DEQ(nn.Module):
             skip_loss=skip_loss, stability=stability,
         )
         return solution.z_star, solution
+
+    def _check_traceable(self) -> None:
+        """``torch.jit.trace`` records the operations of one run as constants: a solve whose stopping
+        step, input check, divergence report or per-sample repairs depend on values of that run is
+        replayed with them for every input, and gives wrong outputs (off by 1e-2 and more) without
+        a word. Refuse, naming what works."""
+        raise RuntimeError(
+            "torch.jit.trace cannot record a DEQ faithfully: its solver loop depends on values computed "
+            "during the run, so a trace would replay this input's solve for every input. For a compiled "
+            "graph use torch.compile(model, fullgraph=True) on a layer built with early_stop=False, "
+            "check_input=False, on_divergence='ignore' (exactly max_steps iterations, no host read; "
+            "equal to eager)."
+        )
 
     def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
         """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:

@@ -182,3 +182,22 @@ def test_readme_table_is_generated_from_the_cards():
     text = (REPO / "README.md").read_text()
     block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
     assert block == render_table(), "README zoo table is stale: run `python -m zoo.readme`"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_solver_budget_belongs_to_the_entry_not_to_pretrained(name):
+    """create(name) + the shipped state dict computes what create(name, pretrained=True) computes:
+    the card's architecture options (the budget included) build the entry either way."""
+    shipped = zoo.create(name, pretrained=True)
+    built = zoo.create(name)
+    built.load_state_dict(read_tensors(zoo.entry(name).weights_path()))
+    built.eval()
+    own = [(d.max_steps, d.tol, d.solver.name) for d in shipped.modules() if hasattr(d, "max_steps") and hasattr(d, "solver")]
+    assert own == [(d.max_steps, d.tol, d.solver.name) for d in built.modules() if hasattr(d, "max_steps") and hasattr(d, "solver")]
+    c = zoo.card(name)
+    assert own[0][:2] == (c.solver.max_steps, c.solver.tol)
+    shape = zoo.entry(name).input_shape
+    torch.manual_seed(0)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), shipped(x), rtol=0, atol=0)
