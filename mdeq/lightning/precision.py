@@ -1,9 +1,9 @@
 """Warn before a run asks the CPU for a precision it can only emulate.
 
 ``bf16-mixed`` (and ``16-mixed``) speed training up on CPUs with native low-precision arithmetic
-(AVX-512 BF16/FP16, AMX): 1.69x for an mdeq_tiny training step on such a core. On a CPU without
-it (AVX2 only) oneDNN emulates the low-precision convolutions and the same step runs about 12x
-*slower* than in float32 (``benchmarks/RESULTS.md``), and nothing says why. The CLI calls
+(AVX-512 BF16/FP16, AMX). On a CPU without it (AVX2 only) oneDNN emulates the low-precision
+convolutions and the same step runs many times *slower* than in float32 (measured in
+``benchmarks/RESULTS.md``, "Precision"), and nothing says why. The CLI calls
 :func:`check_cpu_precision` when it builds the Trainer.
 """
 

@@ -38,9 +38,9 @@ class MDEQConfig:
     """Initial gain of each block's last GroupNorm (paper: 1)."""
     post_fuse_gain: float = 0.1
     """Initial gain of each post-fuse GroupNorm (paper: 1). With the paper's gains f is expansive
-    at initialisation (local gain ~1.4 on mdeq_tiny) and the solver stalls at residual ~0.1;
-    with 0.3 / 0.1 it contracts and every sample of a CIFAR batch converges. Training is free to
-    grow them."""
+    at initialisation and the solver stalls far above tol (``mdeq doctor --model mdeq_tiny`` shows
+    it; benchmarks/RESULTS.md, "Named models at initialisation"); with 0.3 / 0.1 it contracts and
+    every sample of a CIFAR batch converges. Training is free to grow them."""
     solver: Any = "anderson"
     backward: Any = "implicit"
     tol: float = 1e-3
