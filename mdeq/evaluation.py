@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +43,17 @@ class Metrics:
         return asdict(self)
 
 
-def _batches(data: Any, batch_size: int) -> tuple[list[tuple[Tensor, Tensor]] | Any, int]:
-    """(iterable of (x, y) batches, number of samples) for a normalised dataset, a pair of tensors,
+def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """(x, y) batches of a normalised dataset, a pair of tensors,
     any map-style dataset of (x, y) items, or an iterable of batches (a DataLoader)."""
     if isinstance(data, NormalizedTensorDataset):
         n = len(data)
-        return (data.normalized(i, i + batch_size) for i in range(0, n, batch_size)), n
+        return (data.normalized(i, i + batch_size) for i in range(0, n, batch_size))
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x, y = data
         if len(x) != len(y):
             raise ValueError(f"images and labels differ in number: {len(x)} vs {len(y)}")
-        return ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)), len(y)
+        return ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size))
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         n = len(data)  # type: ignore[arg-type]
 
@@ -62,9 +62,9 @@ def _batches(data: Any, batch_size: int) -> tuple[list[tuple[Tensor, Tensor]] | 
                 items = [data[j] for j in range(i, min(i + batch_size, n))]
                 yield torch.stack([a for a, _ in items]), torch.as_tensor([int(b) for _, b in items])
 
-        return stacked(), n
+        return stacked()
     if hasattr(data, "__iter__"):
-        return data, -1
+        return data
     raise TypeError(f"cannot evaluate on {type(data).__name__}: give a task name, a dataset, (images, labels) or a DataLoader")
 
 
@@ -96,7 +96,7 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     param = next(iter(model.parameters()), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    batches, _ = _batches(data, batch_size)
+    batches = _batches(data, batch_size)
     was_training = model.training
     model.eval()
     correct = top5 = loss = nfe = residual_sum = residual_max = converged = 0.0
