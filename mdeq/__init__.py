@@ -78,3 +78,7 @@ __all__ = [
     "solve_equilibrium",
     "solver_budget",
 ]
+
+from mdeq import timm_hook as _timm_hook  # noqa: E402
+
+_timm_hook.install()  # the zoo's models appear in timm once timm is imported

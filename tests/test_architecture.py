@@ -118,3 +118,17 @@ def test_dependencies_point_one_way():
             if la == "zoo" and lb in ("mdeq.lightning", "mdeq.cli"):
                 wrong.append(f"{a} -> {b}")
     assert wrong == []
+
+
+def test_the_only_reference_from_the_library_to_the_zoo_is_the_timm_hook():
+    """Imports by name (``importlib.import_module("zoo...")``) count too: outside the Lightning
+    layer and the CLI, only mdeq.timm_hook names the zoo (it registers the zoo with timm once timm
+    is imported, since timm offers no plugin entry point)."""
+    found = []
+    for name, path in _modules().items():
+        if not name.startswith("mdeq") or _layer(name) in ("mdeq.lightning", "mdeq.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(".")[0] == "zoo":
+                found.append(name)
+    assert sorted(set(found)) == ["mdeq.timm_hook"]

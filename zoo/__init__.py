@@ -10,9 +10,11 @@ from zoo.card import CardError, ModelCard, read_card, write_card
 from zoo.registry import UnknownModelError, ZooEntry, card, create, entry, list_models, register_model
 from zoo.weights import WeightsError, load_weights, read_tensors, save_weights, sha256_of
 from zoo import architectures  # noqa: F401,E402  (declares the models and their shipped weights)
-from zoo.timm_models import register_all as _register_with_timm  # noqa: E402
 
-_register_with_timm(list_models())
+if "timm" in __import__("sys").modules:  # else mdeq.timm_hook registers them when timm is imported
+    from zoo.timm_models import register_all as _register_with_timm
+
+    _register_with_timm()
 
 __all__ = [
     "CardError",

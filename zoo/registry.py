@@ -14,6 +14,7 @@ from torch import nn
 
 from mdeq.data.tasks import Task, get_task
 from zoo.card import CardError, ModelCard, read_card
+from zoo.pretrained_cfg import pretrained_cfg
 from zoo.weights import WeightsError, check_sha256_field, checkpoint_dirs, find_checkpoint, load_weights
 
 CARD_SOLVER_BOUNDS = {"max_steps": (1, 10_000), "tol": (0.0, 1.0)}
@@ -159,40 +160,86 @@ def _valid_options(fn: Callable[..., nn.Module]) -> list[str]:
     return sorted(set(names))
 
 
-def create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create(
+    name: str,
+    pretrained: bool = False,
+    *,
+    features_only: bool = False,
+    out_indices: int | tuple[int, ...] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build the model registered as ``name``; ``pretrained=True`` loads its shipped weights
     (verified: SHA-256, parameter names and shapes) and returns it in eval mode.
 
     An entry with shipped weights is built as its card describes it (its ``architecture_kwargs``,
     the solver budget included) with or without ``pretrained``: ``create(name)`` plus the shipped
-    state dict computes what ``create(name, pretrained=True)`` computes."""
+    state dict computes what ``create(name, pretrained=True)`` computes.
+
+    Fine-tuning: ``num_classes`` other than the card's gives a fresh classifier (0: none, the model
+    returns pooled features), ``in_channels`` other than the card's adapts the first layer.
+    ``features_only=True`` returns the feature levels as a backbone
+    (:class:`~mdeq.models.classifier_api.EquilibriumFeatures`, levels ``out_indices``).
+    The model carries timm's configuration as ``pretrained_cfg`` (:mod:`zoo.pretrained_cfg`)."""
     e = entry(name)
-    if not pretrained:
-        path = e.weights_path()
-        if path is None:
-            return _build(e, {**e.kwargs, **kwargs})
-        described = check_card_kwargs(card(name).architecture_kwargs, f"model card {path.with_name(e.card_file)}")  # type: ignore[arg-type]
-        return _build(e, {**described, **e.kwargs, **kwargs})
-    if e.weights is None:
+    path = e.weights_path()
+    if pretrained and e.weights is None:
         with_weights = [n for n in list_models(pretrained=True)]
         raise ValueError(
             f"no pretrained weights ship for {name!r}; models with weights: {', '.join(with_weights) or 'none yet'}"
         )
-    path = e.weights_path()
-    if path is None:
+    if pretrained and path is None:
         raise WeightsError(f"weights {e.weights!r} for {name!r} not found in {[str(d) for d in checkpoint_dirs()]}")
-    card_path = path.with_name(e.card_file)  # type: ignore[arg-type]
-    c = card(name)
+    c = None
+    if path is None:
+        model = _build(e, {**e.kwargs, **kwargs})
+    else:
+        card_path = path.with_name(e.card_file)  # type: ignore[arg-type]
+        c = card(name)
+        described = check_card_kwargs(c.architecture_kwargs, f"model card {card_path}")
+        model = _build(e, {**described, **e.kwargs, **kwargs})
+        if pretrained:
+            _load_shipped(model, path, c, card_path, kwargs)
+            model.eval()
+    cfg = pretrained_cfg(e, c, model)
+    if features_only:
+        model = _features(name, model, out_indices)
+    elif out_indices is not None:
+        raise ValueError("out_indices selects feature levels: it needs features_only=True")
+    model.pretrained_cfg = model.default_cfg = cfg  # type: ignore[assignment]
+    return model
+
+
+def _load_shipped(model: nn.Module, path: Any, c: ModelCard, card_path: Any, kwargs: dict[str, Any]) -> None:
+    """Load the verified shipped weights; another class count or input channel count than the
+    card's re-initialises the classifier or adapts the first layer."""
     sha256 = check_sha256_field(c.sha256, f"model card {card_path}")
-    arch_kwargs = check_card_kwargs(c.architecture_kwargs, f"model card {card_path}")
-    model = _build(e, {**arch_kwargs, **e.kwargs, **kwargs})
-    # Fine-tuning to another class count: everything but the classifier's output layer loads.
-    trained = c.num_classes
-    if trained < 1:
-        raise WeightsError(f"model card {card_path}: field 'num_classes' must be a positive integer, got {trained!r}")
-    wanted = kwargs.get("num_classes", trained)
-    load_weights(model, path, sha256=sha256, new_classes=(trained, wanted) if wanted != trained else None)
-    return model.eval()
+    if c.num_classes < 1:
+        raise WeightsError(f"model card {card_path}: field 'num_classes' must be a positive integer, got {c.num_classes!r}")
+    fresh: tuple[str, ...] = ()
+    if kwargs.get("num_classes", c.num_classes) != c.num_classes:
+        head = getattr(model, "classifier_name", None)
+        if not isinstance(head, str):
+            raise WeightsError(f"{type(model).__name__} does not name its classifier, so it cannot load weights for {c.num_classes} classes with another count")
+        fresh = (head,)
+    trained_channels = c.preprocessing.input_shape[0]
+    adapt = None
+    if kwargs.get("in_channels", trained_channels) != trained_channels:
+        first = getattr(model, "first_conv", None)
+        if not isinstance(first, str):
+            raise WeightsError(f"{type(model).__name__} does not name its first layer, so its weights cannot be adapted to other input channels")
+        adapt = (f"{first}.weight", trained_channels)
+    load_weights(model, path, sha256=sha256, fresh=fresh, input_channels=adapt)
+
+
+def _features(name: str, model: nn.Module, out_indices: int | tuple[int, ...] | None) -> nn.Module:
+    from mdeq.models.classifier_api import EquilibriumFeatures
+
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(
+            f"{name!r} has no spatial feature levels ({type(model).__name__} works on vectors), so features_only=True "
+            "does not apply; use model.forward_features(x) for its feature vector"
+        )
+    return EquilibriumFeatures(model, out_indices)
 
 
 def check_card_kwargs(kwargs: Any, source: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,13 +29,14 @@ def sha256_of(path: str | Path) -> str:
 
 
 def checkpoint_dirs() -> list[Path]:
-    """Where shipped weights are looked for: ``$MDEQ_CHECKPOINTS``, the source checkout's
-    ``checkpoints/``, and the ``share/mdeq/checkpoints`` folder an installed wheel provides."""
+    """Where shipped weights are looked for: ``$MDEQ_CHECKPOINTS``, then the installed package's
+    ``zoo/checkpoints/`` (package data of the wheel), then the source checkout's ``checkpoints/``."""
     dirs = []
     if os.environ.get("MDEQ_CHECKPOINTS"):
         dirs.append(Path(os.environ["MDEQ_CHECKPOINTS"]))
-    dirs.append(Path(__file__).resolve().parent.parent / "checkpoints")
-    dirs.append(Path(sys.prefix) / "share" / "mdeq" / "checkpoints")
+    here = Path(__file__).resolve().parent
+    dirs.append(here / "checkpoints")
+    dirs.append(here.parent / "checkpoints")
     return dirs
 
 
@@ -128,14 +128,23 @@ def check_sha256_field(value: Any, source: str) -> str:
     return value
 
 
-def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None, new_classes: tuple[int, int] | None = None) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    sha256: str | None = None,
+    *,
+    fresh: tuple[str, ...] = (),
+    input_channels: tuple[str, int] | None = None,
+) -> nn.Module:
     """Load ``path`` into ``model`` after checking its SHA-256 (when given), keys, shapes, dtypes
     and values (finite).
 
-    ``new_classes=(old, new)``: the model was built for ``new`` classes instead of the file's
-    ``old``; the classifier's output layer (the tensors whose leading size is ``old`` in the file
-    and ``new`` in the model) keeps its fresh initialisation, everything else loads. Any other
-    mismatch is still an error."""
+    Fine-tuning to another head or input: ``fresh`` names modules (e.g. the classifier,
+    ``"head.classifier"``) whose tensors keep the model's own initialisation, the file's being
+    dropped (the model was built for another class count, or none). ``input_channels=(key, n)``:
+    the file's tensor ``key`` (the first layer's weight) was trained on ``n`` input channels and
+    the model takes another number; it is adapted (summed for one channel, else repeated and
+    rescaled so a replicated gray image gives the same response). Any other mismatch is an error."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -147,17 +156,41 @@ def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None, 
                 "Reinstall or re-fetch the weights."
             )
     tensors = read_tensors(path)
-    if new_classes is not None and new_classes[0] != new_classes[1]:
-        old, new = new_classes
-        own = model.state_dict()
-        head = [k for k, v in tensors.items() if k in own and v.dim() >= 1 and v.shape[0] == old and own[k].shape[0] == new and v.shape[1:] == own[k].shape[1:]]
-        if not head:
-            raise WeightsError(f"{path}: no classifier output layer with {old} classes found to re-initialise for {new} classes")
-        tensors = {**tensors, **{k: own[k] for k in head}}  # the fresh head replaces the file's
+    own = model.state_dict()
+    if fresh:
+        prefixes = tuple(f"{m}." for m in fresh)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
+        tensors.update({k: v for k, v in own.items() if k.startswith(prefixes)})
+    if input_channels is not None:
+        key, trained = input_channels
+        if key not in tensors or key not in own:
+            raise WeightsError(f"{path}: no first-layer tensor {key!r} to adapt to the model's input channels")
+        tensors[key] = adapt_input_channels(tensors[key], trained, own[key].shape)
     check_compatible(model, tensors, str(path))
     check_values(model, tensors, str(path))
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def adapt_input_channels(weight: Tensor, trained: int, shape: torch.Size) -> Tensor:
+    """A first layer's ``weight`` trained on ``trained`` input channels, for a model whose tensor
+    has ``shape``. Dimension 1 holds the channels (a convolution's ``(out, C, kh, kw)``, or a
+    linear layer over flattened ``(C, H, W)`` inputs, ``(out, C*H*W)``). One channel: the sum over
+    the trained ones; otherwise the trained channels repeated in turn and scaled by
+    ``trained / channels``."""
+    if weight.shape[0] != shape[0] or weight.shape[1] % trained or len(weight.shape) != len(shape):
+        raise WeightsError(f"cannot adapt a first layer of shape {tuple(weight.shape)} trained on {trained} channels to {tuple(shape)}")
+    per_channel = weight.shape[1] // trained
+    if shape[1] % per_channel:
+        raise WeightsError(f"cannot adapt a first layer of shape {tuple(weight.shape)} to {tuple(shape)}: not a change of input channels")
+    channels = shape[1] // per_channel
+    w = weight.reshape(weight.shape[0], trained, per_channel, *weight.shape[2:]).float()
+    if channels == 1:
+        out = w.sum(dim=1, keepdim=True)
+    else:
+        index = torch.arange(channels) % trained
+        out = w[:, index] * (trained / channels)
+    return out.reshape(shape).to(weight.dtype)
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> str:

@@ -42,6 +42,7 @@ class Task:
         reader: reads the arrays from local files; None for a task whose data mdeq cannot read
             (it still declares the input shape and normalisation).
         needs_root: whether ``reader`` reads files under a data root.
+        labels: the class names, in class-index order (None where not declared).
     """
 
     name: str
@@ -56,6 +57,15 @@ class Task:
     test_slice: int | None = None
     reader: Reader | None = None
     needs_root: bool = True
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            raise ValueError(f"task {self.name!r}: {len(self.labels)} labels for {self.num_classes} classes")
+
+    def label(self, index: int) -> str:
+        """The name of class ``index`` (the index itself where the task declares no names)."""
+        return self.labels[index] if self.labels is not None else str(index)
 
     def read(self, root: str | Path | None = None, cache_dir: str | Path | None = None, seed: int = 0) -> Arrays:
         """The task's arrays (train images, train labels, test images, test labels) from local files."""
@@ -104,23 +114,28 @@ def list_tasks(readable: bool | None = None) -> list[str]:
     return sorted(n for n, t in _TASKS.items() if readable is None or (t.reader is not None) == readable)
 
 
+DIGITS = tuple("0123456789")
+
 register_task(Task(
     name="digits", dataset="scikit-learn 8x8 digits (seeded stratified 80/20 split, seed 0)", kind="classification",
     input_shape=(1, 8, 8), num_classes=10, mean=(0.3053,), std=(0.3760,), scale=16.0,
-    reader=lambda root, cache, seed: read_digits(seed), needs_root=False,
+    reader=lambda root, cache, seed: read_digits(seed), needs_root=False, labels=DIGITS,
 ))
 register_task(Task(
     name="mnist", dataset="MNIST", kind="classification", input_shape=(1, 28, 28), num_classes=10,
     mean=(0.1307,), std=(0.3081,), test_slice=2000, reader=lambda root, cache, seed: read_idx_dataset(root, "MNIST"),
+    labels=DIGITS,
 ))
 register_task(Task(
     name="fashion_mnist", dataset="Fashion-MNIST", kind="classification", input_shape=(1, 28, 28), num_classes=10,
     mean=(0.2860,), std=(0.3530,), test_slice=2000, reader=lambda root, cache, seed: read_idx_dataset(root, "FashionMNIST"),
+    labels=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 ))
 register_task(Task(
     name="cifar10", dataset="CIFAR-10", kind="classification", input_shape=(3, 32, 32), num_classes=10,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), flip=True, test_slice=2000,
     reader=lambda root, cache, seed: read_cifar10(root, cache),
+    labels=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 ))
 register_task(Task(
     name="imagenet", dataset="ImageNet-1k (not shipped: mdeq reads no ImageNet files)", kind="classification",

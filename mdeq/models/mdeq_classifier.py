@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
+from mdeq.models.classifier_api import check_head_options, linear_or_identity, refuse_symbolic_tracing, select_levels
 from mdeq.nn.heads import MultiScaleClassificationHead
 from mdeq.nn.mdeq_blocks import PostFuse, ResidualBlock, conv3x3, fusion_layer
 from mdeq.nn.multiscale import MultiScaleDEQ
@@ -27,6 +28,9 @@ class MDEQConfig:
     head_channels: tuple[int, ...] = (8, 16)
     final_channels: int = 200
     num_classes: int = 10
+    """0: no classifier; the model returns pooled features (``final_channels`` wide)."""
+    global_pool: str = "avg"
+    """'avg' (global average pooling) or '' (none: with ``num_classes=0``, the unpooled map)."""
     in_channels: int = 3
     image_size: tuple[int, int] = (32, 32)
     downsample_times: int = 0
@@ -61,6 +65,7 @@ class MDEQConfig:
                 raise ValueError(f"num_groups={self.num_groups} must divide every branch width {self.channels}")
         if self.downsample_times not in (0, 1, 2):
             raise ValueError(f"downsample_times must be 0, 1 or 2, got {self.downsample_times}")
+        check_head_options(self.num_classes, self.global_pool, "MDEQClassifier")
 
 
 class MDEQClassifier(nn.Module):
@@ -72,7 +77,16 @@ class MDEQClassifier(nn.Module):
     Note: in eval mode *before any training*, BatchNorm in the stem has no running statistics
     yet, so the injection is off-scale and the solve need not converge; after a few training
     batches (or in train mode) it does.
+
+    Head and feature API (:mod:`mdeq.models.classifier_api`): ``forward_features`` is the head's
+    fused map before pooling (``num_features = final_channels`` channels); the feature levels
+    (``feature_info``, ``forward_intermediates``) are the injection and each scale's equilibrium.
     """
+
+    first_conv = "stem.0"
+    """The first convolution (its weight is adapted when loading weights for other input channels)."""
+    classifier_name = "head.classifier"
+    fixed_input_size = False
 
     def __init__(self, config: MDEQConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -107,7 +121,9 @@ class MDEQClassifier(nn.Module):
             on_divergence=cfg.on_divergence,
             **cfg.extra,
         )
-        self.head = MultiScaleClassificationHead(c, cfg.head_channels, cfg.final_channels, cfg.num_classes)
+        self.head: MultiScaleClassificationHead | None = MultiScaleClassificationHead(
+            c, cfg.head_channels, cfg.final_channels, cfg.num_classes, cfg.global_pool
+        )
         self._init_weights(cfg.init_std)
 
     def _init_weights(self, std: float) -> None:
@@ -148,11 +164,108 @@ class MDEQClassifier(nn.Module):
         b, _, h, w = injection.shape
         return tuple(injection.new_zeros(b, ci, h >> i, w >> i) for i, ci in enumerate(self.config.channels))
 
-    def forward(self, x: Tensor, return_solution: bool = False, unroll: int | None = None) -> Tensor | tuple[Tensor, DEQSolution]:  # type: ignore[override]
+    # ---- head API ----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Channels of :meth:`forward_features`' output."""
+        return self.config.final_channels
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features (``forward_head(..., pre_logits=True)``)."""
+        return self.config.final_channels
+
+    @property
+    def global_pool(self) -> str:
+        return self.config.global_pool
+
+    def get_classifier(self) -> nn.Module:
+        return self._head().classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: none, pooled features out); ``global_pool``
+        'avg' or '' (no pooling, only without a classifier); None keeps the current pooling."""
+        pool = self.config.global_pool if global_pool is None else global_pool
+        check_head_options(num_classes, pool, type(self).__name__)
+        head = self._head()
+        ref = head.final[0].weight
+        head.classifier = linear_or_identity(self.config.final_channels, num_classes).to(device=ref.device, dtype=ref.dtype)
+        head.global_pool = pool
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=pool)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The feature levels: the injection (stem output), then each scale's equilibrium."""
+        cfg = self.config
+        r = 2**cfg.downsample_times
+        levels = [{"num_chs": cfg.channels[0], "reduction": r, "module": "injection"}]
+        levels += [{"num_chs": c, "reduction": r * 2**i, "module": "deq"} for i, c in enumerate(cfg.channels)]
+        return levels
+
+    def pool_size(self, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Spatial size of :meth:`forward_features`' output for ``image_size`` (default: the configured one)."""
+        h, w = image_size or self.config.image_size
+        f = 2 ** (self.config.downsample_times + self.num_branches - 1)
+        return (h // f, w // f)
+
+    # ---- forward paths -----------------------------------------------------------------------
+    def _head(self) -> MultiScaleClassificationHead:
+        if self.head is None:
+            raise RuntimeError("this model's head was removed (features_only / prune_intermediate_layers); use forward_intermediates")
+        return self.head
+
+    def _solve(self, x: Tensor, unroll: int | None = None) -> tuple[Tensor, tuple[Tensor, ...], DEQSolution]:
+        refuse_symbolic_tracing(x)
         self.check_input(x)
         inj = self.injection(self.stem(x))
         zs, solution = self.deq(inj, z0=self.initial_state(inj), unroll=unroll)
-        logits = self.head(zs)
+        return inj, zs, solution
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The head's fused map at the lowest resolution, before pooling (``(B, num_features, h, w)``)."""
+        _, zs, _ = self._solve(x)
+        return self._head().features(zs)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool the output of :meth:`forward_features` and (unless ``pre_logits``) classify it."""
+        return self._head().classify(x, pre_logits=pre_logits)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_solution: bool = False,
+    ) -> Any:
+        """The feature levels ``indices`` (all by default; an int n = the last n) in NCHW, and
+        unless ``intermediates_only`` the :meth:`forward_features` output first: ``(final, levels)``.
+        ``norm`` and ``stop_early`` are accepted for timm's signature and change nothing (the
+        equilibrium couples all scales, so there is nothing to stop early). ``return_solution=True``
+        appends the solve's :class:`DEQSolution`."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (MDEQ features are NCHW maps), got {output_fmt!r}")
+        inj, zs, solution = self._solve(x)
+        levels = [inj, *zs]
+        picked = [levels[i] for i in select_levels(len(levels), indices)]
+        out: Any = picked if intermediates_only else (self._head().features(zs), picked)
+        return (out, solution) if return_solution else out
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] | None = None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the classification head (for a features-only backbone); returns the kept levels."""
+        if prune_head:
+            self.head = None  # type: ignore[assignment]
+        return select_levels(len(self.feature_info), indices)
+
+    def forward(self, x: Tensor, return_solution: bool = False, unroll: int | None = None) -> Tensor | tuple[Tensor, DEQSolution]:  # type: ignore[override]
+        _, zs, solution = self._solve(x, unroll)
+        logits = self._head()(zs)
         return (logits, solution) if return_solution else logits
 
 

@@ -405,6 +405,16 @@ class DEQ(nn.Module):
             "equal to eager)."
         )
 
+    def __prepare_scriptable__(self) -> DEQ:
+        """``torch.jit.script`` calls this first: refuse with the route that works, instead of
+        TorchScript's compile error deep inside the solver (the solve is a data-dependent loop over
+        Python objects: solvers, records, hooks)."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile a DEQ: its solve is a data-dependent loop over Python solver "
+            "objects. Use the eager model, or torch.compile(model, fullgraph=True) on a layer built with "
+            "early_stop=False, check_input=False, on_divergence='ignore' for a compiled graph."
+        )
+
     def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
         """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:
         its own settings under ``budget`` and any enclosing :func:`~mdeq.core.budget.solver_budget` block."""

@@ -34,9 +34,19 @@ class Bottleneck(nn.Module):
 class MultiScaleClassificationHead(nn.Module):
     """Per-branch bottleneck, a stride-2 chain from the highest to the lowest resolution whose
     outputs are summed with each branch, a 1x1 conv to ``final_channels``, global average pool
-    and a linear classifier."""
+    and a linear classifier.
 
-    def __init__(self, channels: list[int] | tuple[int, ...], head_channels: list[int] | tuple[int, ...], final_channels: int, num_classes: int) -> None:
+    ``features(ys)`` is the map before pooling, ``classify(y, pre_logits)`` pools it and applies the
+    classifier; ``num_classes=0`` has no classifier and ``global_pool=''`` no pooling."""
+
+    def __init__(
+        self,
+        channels: list[int] | tuple[int, ...],
+        head_channels: list[int] | tuple[int, ...],
+        final_channels: int,
+        num_classes: int,
+        global_pool: str = "avg",
+    ) -> None:
         super().__init__()
         if len(head_channels) != len(channels):
             raise ValueError(f"head_channels needs one entry per branch ({len(channels)}), got {len(head_channels)}")
@@ -51,11 +61,22 @@ class MultiScaleClassificationHead(nn.Module):
             for i in range(len(channels) - 1)
         )
         self.final = nn.Sequential(nn.Conv2d(head_channels[-1] * e, final_channels, kernel_size=1), nn.BatchNorm2d(final_channels), nn.ReLU())
-        self.classifier = nn.Linear(final_channels, num_classes)
+        self.final_channels = final_channels
+        self.global_pool = global_pool
+        self.classifier: nn.Module = nn.Linear(final_channels, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward(self, ys: tuple[Tensor, ...]) -> Tensor:
+    def features(self, ys: tuple[Tensor, ...]) -> Tensor:
+        """The fused map at the lowest resolution (``final_channels`` channels), before pooling."""
         y = self.increase[0](ys[0])
         for i, down in enumerate(self.downsample):
             y = self.increase[i + 1](ys[i + 1]) + down(y)
-        y = self.final(y)
-        return self.classifier(y.mean(dim=(2, 3)))
+        return self.final(y)
+
+    def classify(self, y: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool the map (global average unless ``global_pool=''``) and, unless ``pre_logits``, classify."""
+        if self.global_pool == "avg":
+            y = y.mean(dim=(2, 3))
+        return y if pre_logits else self.classifier(y)
+
+    def forward(self, ys: tuple[Tensor, ...]) -> Tensor:
+        return self.classify(self.features(ys))
