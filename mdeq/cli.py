@@ -7,14 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def available_configs() -> list[str]:
-    """Config files shipped in ``configs/<task>/<model>.yaml`` (source checkout)."""
-    if not CONFIG_DIR.is_dir():
-        return []
-    return sorted(str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.glob("*/*.yaml"))
+from mdeq.shipped_configs import available_configs, with_resolved_configs
 
 
 def overview() -> str:
@@ -24,13 +17,13 @@ def overview() -> str:
     lines = [
         "mdeq: deep equilibrium models for PyTorch",
         "",
-        "usage: mdeq {fit,validate,test,predict} --config configs/<task>/<model>.yaml [--key value ...]",
+        "usage: mdeq {fit,validate,test,predict} --config <task>/<model> | <path.yaml> [--key value ...]",
         "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
         "       mdeq test --model <zoo name> [--data-root DIR]  (evaluate shipped weights on their task's test split)",
         "       mdeq export --checkpoint <ckpt> --name <name> --task <task> --config <yaml>",
         "       mdeq demo | mdeq solvers | mdeq models | mdeq --version",
         "",
-        "tasks and configs:",
+        "shipped configs (--config accepts configs/<task>/<model>.yaml, <task>/<model> or a unique <model>):",
         *[f"  {c}" for c in available_configs()],
         "",
         "models: " + ", ".join(zoo.list_models()),
@@ -273,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] != "export":  # export records its training config: a file, as given
+        argv = with_resolved_configs(argv)
+        if from_console:
+            sys.argv[1:] = argv  # Lightning reads sys.argv: the resolved config paths
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
         return 0
