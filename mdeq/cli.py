@@ -20,6 +20,7 @@ def overview() -> str:
         "usage: mdeq {fit,validate,test,predict} --config <task>/<model> | <path.yaml> [--key value ...]",
         "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
         "       mdeq test --model <zoo name> [--data-root DIR]  (evaluate shipped weights on their task's test split)",
+        "       mdeq predict --model <zoo name> IMAGE... [--output preds.csv|preds.json]  (classify image files)",
         "       mdeq export --checkpoint <ckpt> --name <name> --task <task> --config <yaml>",
         "       mdeq demo | mdeq solvers | mdeq models | mdeq --version",
         "",
@@ -155,6 +156,48 @@ def test_or_validate(subcommand: str, argv: list[str]) -> int:
         )
         return 2
     return test_zoo_model(argv)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mdeq predict",
+        description="classify image files with a zoo model: one row per file with the class, its probability and whether the DEQ solve converged",
+    )
+    p.add_argument("--model", required=True, help="a zoo model with shipped weights (mdeq models)")
+    p.add_argument("images", nargs="+", help="image files (any format Pillow reads; converted to the model's channels and size)")
+    p.add_argument("--output", default="-", help="predictions.csv or predictions.json (default: CSV on stdout)")
+    p.add_argument("--top-k", type=int, default=1, help="classes per input (default 1)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=None, help="solver budget for this run (default: the card's)")
+    p.add_argument("--tol", type=float, default=None)
+    return p
+
+
+def predict_zoo_model(argv: list[str]) -> int:
+    """``mdeq predict --model NAME FILE...``: predictions for image files, as CSV or JSON."""
+    import zoo
+    from mdeq.core.budget import solver_budget
+    from zoo.predict import load_images, predict, write_predictions
+
+    p = predict_parser()
+    a = p.parse_args(argv)
+    for flag, value in (("--top-k", a.top_k), ("--batch-size", a.batch_size), ("--max-steps", a.max_steps), ("--tol", a.tol)):
+        if value is not None and value <= 0:
+            p.error(f"{flag} must be positive, got {value}")
+    if a.output != "-" and Path(a.output).suffix not in (".csv", ".json"):
+        p.error(f"--output {a.output}: write .csv or .json (or - for CSV on stdout)")
+    model = zoo.create(a.model, pretrained=True)
+    try:
+        x = load_images(a.images, model)
+    except ValueError as err:
+        p.error(str(err))
+    with solver_budget(max_steps=a.max_steps, tol=a.tol):
+        preds = predict(model, x, a.images, labels=model.pretrained_cfg.get("label_names"), top_k=a.top_k, batch_size=a.batch_size)
+    write_predictions(preds, a.output)
+    unconverged = sum(not q.converged for q in preds)
+    if a.output != "-":
+        print(f"wrote {len(preds)} predictions to {a.output}" + (f" ({unconverged} solve(s) above tol: see the 'converged' column)" if unconverged else ""))
+    return 0
 
 
 def test_zoo_model(argv: list[str]) -> int:
@@ -305,6 +348,8 @@ def _main(argv: list[str] | None) -> int:
         return export(argv[1:])
     if argv[0] in ("test", "validate"):
         return test_or_validate(argv[0], argv[1:])
+    if argv[0] == "predict" and ("--model" in argv or any(x.startswith("--model=") for x in argv)) and "--config" not in argv:
+        return predict_zoo_model(argv[1:])
     if argv[0] == "models":
         import zoo
 

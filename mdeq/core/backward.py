@@ -20,6 +20,7 @@ from mdeq.core.errors import (
     HigherOrderGradientError,
     WarningThrottle,
     autocast_dtype,
+    near_misses_only,
     nonconvergence_message,
     report_nonconvergence,
 )
@@ -176,7 +177,7 @@ class _ImplicitGradient(torch.autograd.Function):
             converged=result.converged,
             trace=result.trace,
         )
-        if s.on_divergence != "ignore" and not bool(result.converged.all()):
+        if s.on_divergence != "ignore" and not bool(result.converged.all()) and not (s.on_divergence == "warn" and near_misses_only(result, s.tol)):
             msg = nonconvergence_message(
                 result, what="backward", solver=s.solver.name, tol=s.tol, stop_mode=s.stop_mode, max_steps=s.max_steps, low_precision=s.low_precision
             )

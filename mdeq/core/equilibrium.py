@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mdeq.core.backward import Backward, BackwardContext
-from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy, nonconvergence_message, report_nonconvergence
+from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy, near_misses_only, nonconvergence_message, report_nonconvergence
 from mdeq.core.jacobian import JacobianRegularization
 from mdeq.core.solution import BackwardRecord
 from mdeq.core.solvers import Solver, SolverResult
@@ -69,6 +69,8 @@ def solve_equilibrium(
 
     def check() -> None:  # once per solve, after the output exists (one host read)
         if on_divergence != "ignore" and not bool(forward.converged.all()):
+            if on_divergence == "warn" and near_misses_only(forward, tol):
+                return
             msg = nonconvergence_message(
                 forward,
                 what=describe,

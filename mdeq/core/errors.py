@@ -150,19 +150,47 @@ class WarningThrottle:
         return n if n & (n - 1) == 0 else None
 
 
-_INTERNAL_DIRS = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (sys.modules["torch"], sys.modules[__name__.split(".")[0]])
-    if getattr(m, "__file__", None)
-)
+FRAMEWORK_PACKAGES = ("torch", "mdeq", "zoo", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics")
+"""Packages whose frames a warning's origin skips: it names the user's code that called into them
+(their script, their LightningModule), not Lightning's or torch's files."""
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in FRAMEWORK_PACKAGES:
+        m = sys.modules.get(name)
+        if getattr(m, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(m.__file__)) + os.sep)  # type: ignore[arg-type, union-attr]
+    return tuple(dirs)
 
 
 def _user_stacklevel() -> int:
-    """Stack level of the first frame outside mdeq and torch (the user's call)."""
+    """Stack level of the first frame outside mdeq, torch and Lightning (the user's call; under
+    the ``mdeq`` command, the command itself)."""
+    internal = _internal_dirs()
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+    while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
     return level
+
+
+NEAR_MISS_FACTOR = 2.0
+"""A sample that ends within ``NEAR_MISS_FACTOR * tol`` (finite, not diverged, not running away)
+missed tol by a hair: its record says ``converged=False`` and ``converged_fraction`` counts it,
+but with ``on_divergence="warn"`` no warning is raised when every failing sample is such a near
+miss (the result is the same to within the solver's own accuracy); "raise" stays strict."""
+
+
+def near_misses_only(result: Any, tol: float) -> bool:
+    """Whether every non-converged sample of ``result`` is a near miss (see :data:`NEAR_MISS_FACTOR`)."""
+    bad = ~result.converged
+    if bool(result.diverged[bad].any()):
+        return False
+    for flag in (result.runaway, result.nonfinite_output):
+        if flag is not None and bool(flag[bad].any()):
+            return False
+    res = result.residual[bad]
+    return bool(torch.isfinite(res).all()) and bool((res <= NEAR_MISS_FACTOR * tol).all())
 
 
 def report_nonconvergence(

@@ -72,6 +72,11 @@ def read_checkpoint(path: Union[str, Path, io.IOBase], map_location: Any = "cpu"
     return checkpoint
 
 
+CHECKPOINT_MODE = 0o644
+"""Checkpoints are readable by the group and others, like exported weights and any file written
+under the default umask (the temporary file they are staged in would be owner-only)."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Reads every checkpoint with :func:`read_checkpoint` (plain data only, local or remote).
 
@@ -99,6 +104,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), CHECKPOINT_MODE)  # mkstemp makes it owner-only (0600)
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())

@@ -315,8 +315,16 @@ class DEQLightningModule(pl.LightningModule):
         **kwargs: Any,
     ) -> "DEQLightningModule":
         """Lightning's ``load_from_checkpoint``, reading the file (local or a URL) with
-        :func:`~mdeq.lightning.checkpoint_io.read_checkpoint`: pickled code is refused, never run."""
+        :func:`~mdeq.lightning.checkpoint_io.read_checkpoint`: pickled code is refused, never run.
+
+        The checkpoint holds every weight, so the run's starting weights (``init_weights`` file,
+        ``pretrained`` zoo weights) are not read again: the module loads after that file is gone
+        (pass them explicitly to override). Where training started from stays recorded."""
         from mdeq.lightning.checkpoint_io import read_checkpoint
+
+        kwargs.setdefault("init_weights", None)
+        kwargs.setdefault("init_weights_sha256", None)
+        kwargs.setdefault("pretrained", False)
 
         checkpoint = read_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
         buffer = io.BytesIO()
@@ -362,14 +370,54 @@ class ClassificationModule(DEQLightningModule):
     Jacobian loss) per step and per epoch.
     """
 
-    def __init__(self, backbone: Union[str, nn.Module] = "mdeq_digits", num_classes: int = 10, **kwargs: Any) -> None:
+    def __init__(self, backbone: Union[str, nn.Module] = "mdeq_digits", num_classes: int | None = None, **kwargs: Any) -> None:
+        """``num_classes`` is set once: None takes the backbone's (a zoo model's comes from its
+        task); a number builds a zoo backbone with that many classes. A backbone with another
+        count, or data with another count (checked before training), is one clear error."""
+        from mdeq.lightning.errors import ConfigError
+
+        bk = dict(kwargs.get("backbone_kwargs") or {})
+        if num_classes is not None and isinstance(backbone, str) and "num_classes" not in bk:
+            kwargs["backbone_kwargs"] = {**bk, "num_classes": num_classes}
         super().__init__(backbone, **kwargs)
-        self.num_classes = num_classes
+        own = getattr(self.backbone, "num_classes", None)
+        if num_classes is None and isinstance(own, int) and own >= 1:
+            num_classes = own
+        elif num_classes is not None and isinstance(own, int) and own != num_classes:
+            raise ConfigError(f"num_classes={num_classes} but the backbone {type(self.backbone).__name__} predicts {own} classes (backbone_kwargs.num_classes); set one of them only")
+        self.num_classes: int | None = None  # a backbone that does not say: the data's, at setup
         self.metrics = nn.ModuleDict()
+        if num_classes is not None:
+            self._set_classes(num_classes)
+
+    def _set_classes(self, num_classes: int) -> None:
+        self.num_classes = num_classes
         for split in ("train", "val", "test"):
             self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
             if num_classes > 5:
                 self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.check_data_classes()
+
+    def check_data_classes(self) -> None:
+        """Before any batch runs: the data's class count must be the model's."""
+        from mdeq.lightning.errors import ConfigError
+
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        theirs = getattr(dm, "num_classes", None)
+        if self.num_classes is None:
+            if not isinstance(theirs, int) or theirs < 1:
+                raise ConfigError(f"num_classes: neither {type(self.backbone).__name__} nor the data says how many classes there are; set model.init_args.num_classes")
+            self._set_classes(theirs)
+            self.metrics.to(self.device)
+        elif isinstance(theirs, int) and theirs != self.num_classes:
+            name = getattr(getattr(dm, "task", None), "name", None) or type(dm).__name__
+            raise ConfigError(
+                f"the data ({name}) has {theirs} classes but the model predicts {self.num_classes} "
+                "(model.init_args.num_classes or the backbone's); make them equal"
+            )
 
     def _step(self, batch: Any, split: str) -> tuple[Tensor, DEQSolution]:
         x, y = batch
@@ -388,6 +436,9 @@ class ClassificationModule(DEQLightningModule):
         self.log_solution(sol, split, len(y))
         return loss, sol
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Class probabilities."""
-        return super().predict_step(batch, batch_idx).softmax(-1)
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:  # type: ignore[override]
+        """Class probabilities, and per sample whether the solve converged and its residual
+        (what :class:`~mdeq.lightning.prediction_writer.PredictionWriter` writes)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        logits, sol = self.run_backbone(x, training=False)
+        return {"probabilities": logits.softmax(-1), "converged": sol.converged, "residual": sol.residual}

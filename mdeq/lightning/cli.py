@@ -11,12 +11,13 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from mdeq.lightning.prediction_writer import PredictionWriter, has_prediction_writer
 from mdeq.lightning.checkpoint_io import process_alive, use_atomic_checkpoints, use_stable_checkpoint_dirs
 from mdeq.lightning.classification import DEQLightningModule
 from mdeq.lightning.errors import ConfigError
@@ -68,9 +69,11 @@ class MDEQCLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, MisconfigurationException) as err:
-            raise ConfigError(f"invalid trainer option: {err}") from err
+            raise ConfigError(f"invalid trainer option: {err}{accelerator_hint(given, err)}") from err
         use_atomic_checkpoints(trainer)
         use_stable_checkpoint_dirs(trainer)
+        if self.subcommand == "predict" and not has_prediction_writer(trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter())  # predictions.csv in default_root_dir
         if self.subcommand == "fit":
             claim_run_folder(trainer, self.config[self.subcommand].get("ckpt_path"))
         check_cpu_precision(trainer)
@@ -104,14 +107,20 @@ def build_cli(args: list[str] | None) -> MDEQCLI:
 
 
 def run_lightning_cli(args: list[str] | None = None) -> None:
-    """Run :class:`MDEQCLI` on ``args`` (None: ``sys.argv``), then close W&B cleanly."""
+    """Run :class:`MDEQCLI` on ``args`` (None: ``sys.argv``), then close W&B cleanly. Given
+    ``args`` stand in ``sys.argv`` for the run (Lightning reads it, e.g. to relaunch processes),
+    and the caller's ``sys.argv`` is put back after."""
+    saved = list(sys.argv)
+    if args is not None:
+        sys.argv[1:] = args
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), warnings_above_progress_bars():
             # A new fit never shares a folder with another run's checkpoints (claim_run_folder
             # refuses it), so Lightning's "exists and is not empty" is only ever a resumed run's.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            build_cli(args)
+            build_cli(None)
     finally:
+        sys.argv[:] = saved
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish()
@@ -220,6 +229,41 @@ def constructor_error(err: BaseException) -> BaseException:
     found = re.search(r"class_path='([^']+)'", str(err))
     where = f"{found.group(1)}: " if found else ""
     return ConfigError(where + (str(cause) if cause is not err else str(err).splitlines()[0]))
+
+
+@contextlib.contextmanager
+def warnings_above_progress_bars() -> Iterator[None]:
+    """Print warnings with ``tqdm.write`` while the CLI runs: a warning then appears on its own
+    lines above the progress bar instead of splitting the bar's line in two. Only on a terminal
+    (where bars redraw in place); elsewhere, e.g. under pytest's warning capture, nothing changes."""
+    from tqdm import tqdm
+
+    shown = warnings.showwarning
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        yield
+        return
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+        if file is not None and file is not sys.stderr:
+            return shown(message, category, filename, lineno, file, line)
+        tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def accelerator_hint(trainer_options: Any, err: Exception) -> str:
+    """What to do when the requested accelerator is not on this machine."""
+    import torch
+
+    wanted = str(trainer_options.get("accelerator", "")) if hasattr(trainer_options, "get") else ""
+    if "backend found" not in str(err) and "not available" not in str(err).lower():
+        return ""
+    have = "a CUDA GPU" if torch.cuda.is_available() else "no GPU (torch.cuda.is_available() is False)"
+    return f" (--trainer.accelerator {wanted or '?'}: this machine has {have}; use --trainer.accelerator auto to take what is there, or cpu)"
 
 
 def integer_limits(args: list[str]) -> dict[str, int]:

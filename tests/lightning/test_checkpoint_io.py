@@ -61,6 +61,7 @@ def test_atomic_save_replaces_and_cleans_up(tmp_path):
         io.save_checkpoint({"version": v}, target)
     assert torch.load(target, weights_only=True)["version"] == 2
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temp files left
+    assert target.stat().st_mode & 0o777 == 0o644, oct(target.stat().st_mode)  # readable like exports
 
     class Unpicklable:
         def __reduce__(self):
@@ -242,3 +243,28 @@ def test_a_moved_run_folder_resumes_and_tests_its_own_best_checkpoint(tmp_path, 
     assert "the run folder has moved: testing" in captured.err
     result = next(line for line in captured.out.splitlines() if line.startswith("RESULT"))
     assert str(tmp_path / "moved/checkpoints" / best_name) in result
+
+
+@pytest.mark.filterwarnings("ignore::mdeq.core.errors.ConvergenceWarning")  # 2 training steps
+def test_load_from_checkpoint_after_the_init_weights_file_is_gone(tmp_path):
+    """A run started from an init_weights file: its checkpoint loads (same weights, same outputs,
+    the start still recorded) after that file is deleted."""
+    import shutil
+
+    from mdeq.cli import main
+    from mdeq.lightning import ClassificationModule
+
+    start = tmp_path / "start.safetensors"
+    shutil.copy(REPO / "checkpoints" / "mdeq_digits.safetensors", start)
+    args = ["--config", str(REPO / "configs/digits/mdeq_digits.yaml"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", *args, "--model.init_args.init_weights", str(start), "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2",
+                 "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.default_root_dir", str(tmp_path / "run")]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    start.unlink()
+    module = ClassificationModule.load_from_checkpoint(str(ckpt)).eval()
+    state = torch.load(ckpt, weights_only=True)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, state["state_dict"][k]), k
+    assert module.started_from == {"init_weights": str(start), "sha256": state["mdeq_started_from"]["sha256"]}
+    with pytest.raises(Exception, match="not found"):
+        ClassificationModule.load_from_checkpoint(str(ckpt), init_weights=str(start))  # asked for explicitly: still checked

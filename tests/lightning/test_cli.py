@@ -287,3 +287,76 @@ def test_test_and_validate_are_one_command_line(capsys):
     assert main(["validate", "--model", "mdeq_digits"]) == 2
     err = capsys.readouterr().err
     assert "has no split to measure" in err and "mdeq test --model NAME" in err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("mdeq: error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def test_num_classes_set_once_and_checked_against_the_data_before_training(tmp_path, capsys):
+    base = ["fit", "--config", "digits/mdeq_digits", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    assert main([*base, "--model.init_args.num_classes", "5"]) == 2
+    assert "the data (digits) has 10 classes but the model predicts 5" in _one_line_error(capsys)
+    assert main([*base, "--model.init_args.backbone_kwargs", "{num_classes: 7}", "--model.init_args.num_classes", "10"]) == 2
+    assert "num_classes=10 but the backbone MDEQClassifier predicts 7" in _one_line_error(capsys)
+    assert not list(tmp_path.rglob("*.ckpt")), "nothing trained"
+    from mdeq.lightning import ClassificationModule
+
+    assert ClassificationModule(backbone="mdeq_digits").num_classes == 10  # from the backbone (its task)
+    assert ClassificationModule(backbone="mdeq_digits", num_classes=4).backbone.num_classes == 4  # one place
+
+
+def test_shipped_configs_by_short_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from mdeq.shipped_configs import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    full = str(REPO / "configs" / "digits" / "mdeq_digits.yaml")
+    for name in ("digits/mdeq_digits", "digits/mdeq_digits.yaml", "configs/digits/mdeq_digits.yaml", "mdeq_digits"):
+        assert Path(resolve_config(name)).resolve() == Path(full).resolve(), name
+    assert main(["fit", "--config", "mdeq_mnist"]) == 2
+    assert "in several tasks: fashion_mnist/mdeq_mnist, mnist/mdeq_mnist" in _one_line_error(capsys)
+    assert main(["fit", "--config", "mdeq_digitz"]) == 2
+    assert "neither a file nor a shipped config" in _one_line_error(capsys)
+
+
+def test_gpu_accelerator_without_a_gpu_is_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["fit", "--config", "digits/mdeq_digits", "--trainer.accelerator", "gpu", "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "this machine has no GPU" in _one_line_error(capsys)
+
+
+def test_wrong_zoo_name_in_fit_is_one_line(tmp_path, capsys):
+    assert main(["fit", "--config", "digits/mdeq_digits", "--model.init_args.backbone", "mdeq_digitz", "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "unknown model 'mdeq_digitz'. Did you mean 'mdeq_digits'" in _one_line_error(capsys)
+
+
+def test_warnings_go_above_the_progress_bar_on_a_terminal(monkeypatch):
+    """On a terminal the CLI prints warnings through tqdm.write (whole lines above the bar)."""
+    import io
+    import warnings
+
+    import tqdm
+
+    from mdeq.lightning.cli import warnings_above_progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with warnings_above_progress_bars():
+            warnings.warn("solver note", UserWarning)
+    assert len(written) == 1 and "solver note" in written[0]
+    assert warnings.showwarning is before
