@@ -172,7 +172,7 @@ CLI_CASES = [
     ("cli/yaml_model_option_typo", ["fit", "--config", "{typo_model}"], "Option 'lerning_rate' is not accepted"),
     ("cli/yaml_wrong_type", ["fit", "--config", "{wrong_type}"], "Expected a <class 'float'>. Got value: fast"),
     ("cli/yaml_malformed", ["fit", "--config", "{malformed}"], "Problems parsing config"),
-    ("cli/config_missing", ["fit", "--config", "{missing_file}"], "File does not exist"),
+    ("cli/config_missing", ["fit", "--config", "{missing_file}"], "is neither a file nor a shipped config"),
     ("cli/flag_typo", ["fit", "--config", "{ok}", "--model.init_args.solverr", "anderson"], "solverr"),
     ("cli/unknown_subcommand", ["fitt"], "invalid choice: 'fitt'"),
     ("cli/test_unknown_model", ["test", "--model", "mdeq_tyni", "--data", "digits"], "unknown model 'mdeq_tyni'"),

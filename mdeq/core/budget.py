@@ -41,12 +41,17 @@ class SolverBudget:
             to turn it off, or :data:`KEEP` (default) for the layer's own.
         record_trace: keep the residual of every iteration in ``solution.trace`` (None: the
             layer's own setting).
+        fixed: run exactly ``max_steps`` iterations with no host read: no early stop, no check of
+            the input for NaN, no convergence report (the solution still records residuals). What
+            ``torch.export`` and ``torch.compile(fullgraph=True)`` need: a static graph
+            (:mod:`mdeq.deploy`). None: the layer's own ``early_stop``/``check_input``/``on_divergence``.
     """
 
     max_steps: int | None = None
     tol: float | None = None
     jacobian: Any = KEEP
     record_trace: bool | None = None
+    fixed: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is not None:
@@ -55,6 +60,8 @@ class SolverBudget:
             check_option("solver_budget", "tol", self.tol, real(0.0))
         if self.record_trace is not None and not isinstance(self.record_trace, bool):
             raise TypeError(f"solver_budget: record_trace must be True, False or None, got {self.record_trace!r}")
+        if self.fixed is not None and not isinstance(self.fixed, bool):
+            raise TypeError(f"solver_budget: fixed must be True, False or None, got {self.fixed!r}")
         if self.jacobian is not KEEP and self.jacobian != KEEP and self.jacobian is not None:
             from mdeq.core.jacobian import JacobianRegularization
 
@@ -69,7 +76,11 @@ class SolverBudget:
             return self
         return replace(
             outer,
-            **{k: v for k, v in (("max_steps", self.max_steps), ("tol", self.tol), ("record_trace", self.record_trace)) if v is not None},
+            **{
+                k: v
+                for k, v in (("max_steps", self.max_steps), ("tol", self.tol), ("record_trace", self.record_trace), ("fixed", self.fixed))
+                if v is not None
+            },
             **({} if _keeps(self.jacobian) else {"jacobian": self.jacobian}),
         )
 
@@ -103,12 +114,14 @@ def solver_budget(
     tol: float | None = None,
     jacobian: Any = KEEP,
     record_trace: bool | None = None,
+    fixed: bool | None = None,
 ) -> Iterator[SolverBudget]:
     """Within the block, every DEQ layer solves with this budget (see :class:`SolverBudget`);
     give a ``SolverBudget`` or its fields. Nested blocks override only the fields they set."""
-    if budget is not None and (max_steps is not None or tol is not None or not _keeps(jacobian) or record_trace is not None):
+    fields_given = max_steps is not None or tol is not None or not _keeps(jacobian) or record_trace is not None or fixed is not None
+    if budget is not None and fields_given:
         raise TypeError("solver_budget takes a SolverBudget or its fields, not both")
-    inner = budget if budget is not None else SolverBudget(max_steps, tol, jacobian, record_trace)
+    inner = budget if budget is not None else SolverBudget(max_steps, tol, jacobian, record_trace, fixed)
     effective = inner.over(_CURRENT.get())
     token = _CURRENT.set(effective)
     try:

@@ -44,8 +44,7 @@ class StatePacker:
                 raise ValueError("a state needs a batch dimension; got a 0-d tensor")
             return cls([z.shape[1:]], is_tuple=False)
         if isinstance(z, (tuple, list)) and z and all(isinstance(t, Tensor) for t in z):
-            batch = {t.shape[0] if t.dim() else None for t in z}
-            if len(batch) != 1 or None in batch:
+            if any(t.dim() == 0 for t in z) or any(t.shape[0] != z[0].shape[0] for t in z[1:]):  # (no set: symbolic sizes under torch.export)
                 raise ValueError(f"all parts of a tuple state need the same batch size; got {_describe(z)}")
             return cls([t.shape[1:] for t in z], is_tuple=True)
         raise TypeError(f"a state must be a tensor or a non-empty tuple of tensors, got {_describe(z)}")
@@ -63,7 +62,7 @@ class StatePacker:
             ok = len(parts) == len(self.shapes) and all(
                 isinstance(t, Tensor) and t.dim() >= 1 and tuple(t.shape[1:]) == s for t, s in zip(parts, self.shapes)
             )
-            ok = ok and len({t.shape[0] for t in parts}) == 1
+            ok = ok and all(t.shape[0] == parts[0].shape[0] for t in parts[1:])
         if not ok:
             raise ValueError(f"{what} has the wrong shape: expected {self.expected()}, got {_describe(z)}")
 

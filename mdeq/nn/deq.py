@@ -231,12 +231,13 @@ class DEQ(nn.Module):
         )
 
     # ---- input checks -------------------------------------------------------------------
-    def _check_x(self, x: Any) -> None:
+    def _check_x(self, x: Any, fixed: bool = False) -> None:
         tensors = _tensors(x)
+        check_values = self.check_input and not fixed
         for t in tensors:
             if not t.dtype.is_floating_point:
                 raise TypeError(f"the input x must be floating point, got dtype {t.dtype}; convert it with x.float()")
-            if self.check_input and t.numel() and not bool(torch.isfinite(t).all()):
+            if check_values and t.numel() and not bool(torch.isfinite(t).all()):
                 raise ValueError("the input x contains NaN or Inf values; the equilibrium would be NaN. Clean the input.")
         p = _first_param(self.f)
         if p is not None and tensors:
@@ -302,10 +303,11 @@ class DEQ(nn.Module):
         parts = tuple(ref.new_zeros((ref.shape[0], *s)) for s in self.state_packer.shapes)
         return parts if self.state_packer.is_tuple else parts[0]
 
-    def flat_problem(self, x: Any, z0: State | None = None) -> tuple[Callable[[Tensor], Tensor], Tensor, StatePacker, State]:
+    def flat_problem(self, x: Any, z0: State | None = None, *, fixed: bool = False) -> tuple[Callable[[Tensor], Tensor], Tensor, StatePacker, State]:
         """The problem this layer solves for input ``x``, on flat states: ``(f_flat, z0_flat,
-        packer, z0)`` with f_flat(z) = pack(f(unpack(z), x)). Validates x and z0."""
-        self._check_x(x)
+        packer, z0)`` with f_flat(z) = pack(f(unpack(z), x)). Validates x (its values too, unless
+        the call runs a ``fixed`` budget) and z0."""
+        self._check_x(x, fixed)
         full = self._mixed_precision_dtype(x)
         if z0 is None:
             z0 = self.initial_state(x)
@@ -345,7 +347,8 @@ class DEQ(nn.Module):
         """
         if torch.jit.is_tracing():
             self._check_traceable()
-        f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0)
+        fixed = self._fixed_call(budget)
+        f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0, fixed=fixed)
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
             begin_solve(self.f.modules())
         max_steps, tol, jacobian, record_trace = self.budget_for_call(budget)
@@ -360,7 +363,7 @@ class DEQ(nn.Module):
             solver, backward, policy = FixedPoint(), UnrolledBackward(), "ignore"
             solve_tol, solve_steps = 0.0, unroll + 1
         else:
-            solver, backward, policy = self.solver, self.backward_mode, self.on_divergence
+            solver, backward, policy = self.solver, self.backward_mode, "ignore" if fixed else self.on_divergence
             solve_tol, solve_steps = tol, max_steps
         result = solve_equilibrium(
             f_flat,
@@ -375,14 +378,14 @@ class DEQ(nn.Module):
             jacobian_regularization=jacobian if use_jr else None,
             on_divergence=policy,
             throttle=self.warning_throttle,
-            early_stop=getattr(self, "early_stop", True),  # (modules pickled before the option existed)
+            early_stop=getattr(self, "early_stop", True) and not fixed,  # (modules pickled before the option existed)
         )
         skip_loss = None
         if self.learned_init:
             gap = z0_flat - result.forward.z.detach()
             skip_loss = gap.pow(2).sum() / max(gap.numel(), 1)  # the mean; an empty batch gives 0, not NaN
         stability = None
-        if unroll is None and self._stability_due():
+        if unroll is None and not fixed and self._stability_due():
             stability = self._check_stability(f_flat, result.forward.z, result.forward.converged, policy)
         # an unrolled pass ran exactly N steps (tol 0): it is reported against the call's tol
         name = solver.name if unroll is None else f"unrolled({unroll})"
@@ -414,6 +417,14 @@ class DEQ(nn.Module):
             "objects. Use the eager model, or torch.compile(model, fullgraph=True) on a layer built with "
             "early_stop=False, check_input=False, on_divergence='ignore' for a compiled graph."
         )
+
+    def _fixed_call(self, budget: SolverBudget | None = None) -> bool:
+        """Whether this call runs a fixed budget (``SolverBudget.fixed``): exactly max_steps
+        iterations and no host read."""
+        scoped = current_budget()
+        if budget is not None:
+            scoped = budget.over(scoped)
+        return bool(scoped is not None and scoped.fixed)
 
     def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
         """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:
