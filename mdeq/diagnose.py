@@ -150,12 +150,17 @@ class Diagnosis:
         return "\n".join(lines)
 
     def figure(self) -> Any:
-        """Relative residual vs iteration per solver, forward and backward."""
+        """Relative residual against the cost (f-evaluations) per solver, forward and backward,
+        with the tolerance line."""
         from mdeq.plots import solver_comparison_figure
 
         fwd = {t.solver: t.trace for t in self.trials if t.trace is not None}
         bwd = {t.solver: t.backward_trace for t in self.trials if t.backward_trace is not None}
-        return solver_comparison_figure(fwd, bwd, title=f"layer '{self.layer}', batch {self.batch_size}")
+        nfe = {
+            "forward": {t.solver: t.nfe for t in self.trials},
+            "backward": {t.solver: t.backward_nfe for t in self.trials if t.backward_nfe},
+        }
+        return solver_comparison_figure(fwd, bwd, title=f"layer '{self.layer}', batch {self.batch_size}", nfe=nfe, tol=self.tol)
 
     def log_figure(self, loggers: Any, step: int = 0, fallback_path: str | None = None) -> str:
         """Log the figure to a W&B / TensorBoard logger (a Lightning logger or a list of them),

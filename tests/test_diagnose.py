@@ -174,3 +174,23 @@ def test_doctor_runs_for_every_registered_model(name, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["batch_size"] == 2 and report["recommendations"] is not None
     assert zoo.entry(name).input_shape == zoo.entry(name).task_info.input_shape
+
+
+def test_doctor_figure_plots_residual_against_f_evaluations_with_the_tol_line():
+    """The x axis is the cost: each solver's line ends at its f-evaluation count (Newton-Krylov
+    spends several per iteration), and the tolerance is drawn."""
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    from mdeq import TanhCell
+
+    deq = DEQ(TanhCell(6, weight_scale=0.5), tol=1e-5, max_steps=40)
+    diag = mdeq.diagnose(deq, torch.randn(8, 6), trials=("fixed_point", "newton_krylov"))
+    fig = diag.figure()
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "f-evaluations"
+    ends = {line.get_label().split(" ")[0]: float(line.get_xdata()[-1]) for line in ax.get_lines() if "(median)" in line.get_label()}
+    for t in diag.trials:
+        assert ends[t.solver] == pytest.approx(t.nfe), t.solver
+    assert any(line.get_label() == "tol 1e-05" for line in ax.get_lines())
+    plt.close(fig)

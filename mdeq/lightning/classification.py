@@ -396,6 +396,7 @@ class ClassificationModule(DEQLightningModule):
             self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
             if num_classes > 5:
                 self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+        self.metrics["test_per_class"] = MulticlassAccuracy(num_classes=num_classes, average=None)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -434,7 +435,27 @@ class ClassificationModule(DEQLightningModule):
             metrics[f"{split}/top5"] = self.metrics[f"{split}_top5"]
         self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log_solution(sol, split, len(y))
+        if split == "test":
+            self.metrics["test_per_class"].update(logits.detach(), y)
         return loss, sol
+
+    def on_test_epoch_end(self) -> None:
+        """Accuracy per class (synchronised across processes): ``test/acc_class/<name>`` for every
+        logger, and one table (class, accuracy) for loggers that keep tables (W&B)."""
+        metric = self.metrics["test_per_class"]
+        if not metric.update_called:
+            return
+        per_class = metric.compute().float().cpu()
+        metric.reset()
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        task = getattr(dm, "task", None)
+        names = [task.label(i) if task is not None else str(i) for i in range(len(per_class))]
+        for n, acc in zip(names, per_class.tolist()):
+            self.log(f"test/acc_class/{n}", acc, sync_dist=False)
+        if self.trainer.is_global_zero:
+            for lg in self.loggers:
+                if hasattr(lg, "log_table"):
+                    lg.log_table(key="test/per_class_accuracy", columns=["class", "accuracy"], data=[[n, a] for n, a in zip(names, per_class.tolist())])
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:  # type: ignore[override]
         """Class probabilities, and per sample whether the solve converged and its residual

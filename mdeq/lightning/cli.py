@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -74,12 +75,42 @@ class MDEQCLI(LightningCLI):
         use_stable_checkpoint_dirs(trainer)
         if self.subcommand == "predict" and not has_prediction_writer(trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())  # predictions.csv in default_root_dir
+        self.describe_wandb_run(trainer)
         if self.subcommand == "fit":
             claim_run_folder(trainer, self.config[self.subcommand].get("ckpt_path"))
         check_cpu_precision(trainer)
         if self.dropped_init_weights is not None:
             require_resume_checkpoint(trainer, self.config[self.subcommand].get("ckpt_path"), self.dropped_init_weights)
         return trainer
+
+    def run_identity(self) -> tuple[str, str, list[str]]:
+        """(name, group, tags) of this run, derived from its config: the config file, the task,
+        the backbone and its solvers, the seed and where the weights started."""
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        files = cfg.get("config") or []
+        stem = Path(str(files[-1])).stem if files else "run"
+        task = getattr(getattr(self.datamodule, "task", None), "name", None) or type(self.datamodule).__name__
+        hp = getattr(self.model, "hparams", {})
+        backbone = hp.get("backbone") if isinstance(hp.get("backbone"), str) else type(getattr(self.model, "backbone", self.model)).__name__
+        solvers = sorted({d.solver.name for d in getattr(self.model, "deqs", [])})
+        tags = [task, backbone, self.subcommand or "run", *solvers]
+        if hp.get("pretrained"):
+            tags.append("pretrained")
+        if hp.get("init_weights"):
+            tags.append("init_weights")
+        return f"{stem}-seed{cfg.get('seed_everything', 0)}", f"{task}/{backbone}", tags
+
+    def describe_wandb_run(self, trainer: pl.Trainer) -> None:
+        from mdeq.lightning.loggers import describe_run, wandb_loggers
+
+        loggers = wandb_loggers(trainer)
+        if not loggers or self.subcommand is None:
+            return
+        resolved = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False, skip_check=True))
+        resolved.pop("config", None)
+        name, group, tags = self.run_identity()
+        for lg in loggers:
+            describe_run(lg, resolved, name, group, tags)
 
     def after_fit(self) -> None:
         if self.trainer.interrupted or getattr(self.trainer, "fast_dev_run", False):
@@ -91,6 +122,18 @@ class MDEQCLI(LightningCLI):
         results = self.trainer.test(self.model, datamodule=dm, ckpt_path=best or None, verbose=False)
         if results and self.trainer.is_global_zero:
             print(summary_line(results[0], best))
+        self.log_best_checkpoint(best, results[0] if results else {})
+
+    def log_best_checkpoint(self, best: str, metrics: dict[str, float]) -> None:
+        """The tested checkpoint as the W&B run's ``model`` artifact, with the test metrics."""
+        from mdeq.lightning.loggers import log_model_artifact, wandb_loggers
+
+        if not best or not self.trainer.is_global_zero:
+            return
+        name, group, _ = self.run_identity()
+        for lg in wandb_loggers(self.trainer):
+            meta = {"checkpoint": Path(best).name, "group": group, **{k: float(v) for k, v in metrics.items()}}
+            log_model_artifact(lg, best, f"{group.replace('/', '-')}-{name}", meta)
 
 
 def build_cli(args: list[str] | None) -> MDEQCLI:

@@ -39,3 +39,32 @@ class AutoWandbLogger(WandbLogger):
         init_kwargs = getattr(self, "_wandb_init", None)
         if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous") is None:
             init_kwargs.pop("anonymous", None)
+
+
+def wandb_loggers(trainer: Any) -> list[WandbLogger]:
+    """The trainer's W&B loggers (any ``WandbLogger``, ours or Lightning's)."""
+    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)]
+
+
+def describe_run(logger: WandbLogger, config: dict[str, Any], name: str, group: str, tags: list[str]) -> None:
+    """Before the W&B run starts: the whole resolved config (trainer, model, data) as its config,
+    and a name, group and tags derived from it, each only where the user set none."""
+    init = getattr(logger, "_wandb_init", None)
+    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
+        return  # the run already exists (resumed, or created early by the user)
+    init["config"] = {**config, **(init.get("config") or {})}
+    if not init.get("name"):
+        init["name"] = name
+    if not init.get("group"):
+        init["group"] = group
+    init["tags"] = sorted(set(init.get("tags") or ()) | set(tags))
+
+
+def log_model_artifact(logger: WandbLogger, path: str, name: str, metadata: dict[str, Any]) -> None:
+    """Attach a checkpoint (or exported weights) to the run as a W&B ``model`` artifact (kept in
+    the offline run too, uploaded by ``wandb sync``)."""
+    import wandb
+
+    artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
+    artifact.add_file(path)
+    logger.experiment.log_artifact(artifact, aliases=["best", "latest"])
