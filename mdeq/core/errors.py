@@ -133,6 +133,8 @@ def nonconvergence_message(
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The low-precision dtype autocast uses on ``device`` now, or ``None`` when autocast is off."""
     kind = device.type
+    if kind == "meta":  # shapes only: no autocast on meta tensors
+        return None
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 

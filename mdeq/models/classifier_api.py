@@ -33,6 +33,13 @@ def check_head_options(num_classes: Any, global_pool: Any, model: str) -> None:
         raise ValueError(f"{model}: global_pool='' (no pooling) needs num_classes=0: a classifier reads pooled features")
 
 
+def default_pool(current: str, num_classes: int) -> str:
+    """The pooling ``reset_classifier(num_classes)`` keeps when none is given: the current one,
+    except that a classifier after no pooling ('') brings the model's pooling back (a classifier
+    reads pooled features)."""
+    return "avg" if current == "" and num_classes > 0 else current
+
+
 def refuse_symbolic_tracing(x: Any) -> None:
     """``torch.fx`` symbolic tracing passes proxies, not tensors: a DEQ's solve stops on values it
     computes, which a symbolic trace cannot follow. Say so instead of failing on the proxy."""

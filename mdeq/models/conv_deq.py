@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
-from mdeq.models.classifier_api import check_head_options, linear_or_identity, refuse_symbolic_tracing, select_levels
+from mdeq.models.classifier_api import check_head_options, default_pool, linear_or_identity, refuse_symbolic_tracing, select_levels
 from mdeq.nn.cells import ConvResidualCell
 from mdeq.nn.deq import DEQ
 
@@ -55,6 +55,11 @@ class ConvDEQClassifier(nn.Module):
 
     # ---- head API ----------------------------------------------------------------------------
     @property
+    def in_chans(self) -> int:
+        """Input channels (timm's name)."""
+        return self.in_channels
+
+    @property
     def num_features(self) -> int:
         return self.channels
 
@@ -79,10 +84,10 @@ class ConvDEQClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh classifier for ``num_classes`` (0: none); ``global_pool`` 'avg' or '' (none)."""
-        pool = self.global_pool if global_pool is None else global_pool
+        pool = default_pool(self.global_pool, num_classes) if global_pool is None else global_pool
         check_head_options(num_classes, pool, type(self).__name__)
         ref = self.stem[0].weight
-        self.classifier = linear_or_identity(self.head_hidden_size, num_classes).to(device=ref.device, dtype=ref.dtype)
+        self.classifier = linear_or_identity(self.head_hidden_size, num_classes).to(device=ref.device, dtype=ref.dtype).train(self.training)
         self.num_classes, self.global_pool = num_classes, pool
 
     # ---- forward paths -----------------------------------------------------------------------

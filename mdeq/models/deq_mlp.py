@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
-from mdeq.models.classifier_api import check_head_options, linear_or_identity, refuse_symbolic_tracing
+from mdeq.models.classifier_api import check_head_options, default_pool, linear_or_identity, refuse_symbolic_tracing
 from mdeq.nn.deq import DEQ
 
 
@@ -76,6 +76,11 @@ class DEQMLPClassifier(nn.Module):
         self.head = nn.Sequential(*hd, linear_or_identity(self.head_hidden_size, num_classes))
 
     @property
+    def in_chans(self) -> int:
+        """Input channels (timm's name)."""
+        return self.input_shape[0]
+
+    @property
     def classifier_name(self) -> str:
         return f"head.{len(self.head) - 1}"
 
@@ -84,10 +89,10 @@ class DEQMLPClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh output layer for ``num_classes`` (0: none, the last hidden layer out)."""
-        pool = self.global_pool if global_pool is None else global_pool
+        pool = default_pool(self.global_pool, num_classes) if global_pool is None else global_pool
         check_head_options(num_classes, pool, type(self).__name__)
         ref = self.encoder[1].weight
-        self.head[-1] = linear_or_identity(self.head_hidden_size, num_classes).to(device=ref.device, dtype=ref.dtype)
+        self.head[-1] = linear_or_identity(self.head_hidden_size, num_classes).to(device=ref.device, dtype=ref.dtype).train(self.training)
         self.num_classes, self.global_pool = num_classes, pool
 
     def _solve(self, x: Tensor, unroll: int | None = None) -> tuple[Tensor, DEQSolution]:

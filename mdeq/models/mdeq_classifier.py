@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
-from mdeq.models.classifier_api import check_head_options, linear_or_identity, refuse_symbolic_tracing, select_levels
+from mdeq.models.classifier_api import check_head_options, default_pool, linear_or_identity, refuse_symbolic_tracing, select_levels
 from mdeq.nn.heads import MultiScaleClassificationHead
 from mdeq.nn.mdeq_blocks import PostFuse, ResidualBlock, conv3x3, fusion_layer
 from mdeq.nn.multiscale import MultiScaleDEQ
@@ -170,6 +170,11 @@ class MDEQClassifier(nn.Module):
         return self.config.num_classes
 
     @property
+    def in_chans(self) -> int:
+        """Input channels (timm's name)."""
+        return self.config.in_channels
+
+    @property
     def num_features(self) -> int:
         """Channels of :meth:`forward_features`' output."""
         return self.config.final_channels
@@ -189,11 +194,11 @@ class MDEQClassifier(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh classifier for ``num_classes`` (0: none, pooled features out); ``global_pool``
         'avg' or '' (no pooling, only without a classifier); None keeps the current pooling."""
-        pool = self.config.global_pool if global_pool is None else global_pool
+        pool = default_pool(self.config.global_pool, num_classes) if global_pool is None else global_pool
         check_head_options(num_classes, pool, type(self).__name__)
         head = self._head()
         ref = head.final[0].weight
-        head.classifier = linear_or_identity(self.config.final_channels, num_classes).to(device=ref.device, dtype=ref.dtype)
+        head.classifier = linear_or_identity(self.config.final_channels, num_classes).to(device=ref.device, dtype=ref.dtype).train(self.training)
         head.global_pool = pool
         self.config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=pool)
 

@@ -347,7 +347,9 @@ class DEQ(nn.Module):
         """
         if torch.jit.is_tracing():
             self._check_traceable()
-        fixed = self._fixed_call(budget)
+        # meta tensors carry shapes, no values (timm's config tests run models on "meta"): the solve
+        # is then shape propagation, a fixed budget with no host read
+        fixed = self._fixed_call(budget) or any(t.is_meta for t in _tensors(x))
         f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0, fixed=fixed)
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
             begin_solve(self.f.modules())

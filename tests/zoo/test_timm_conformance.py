@@ -113,6 +113,35 @@ def test_head_api_spatial(name):
     _check_names_in_state_dict(timm.create_model(name, pretrained=False), cfg)
 
 
+@pytest.mark.parametrize("name", _param([n for n in ALL if n not in NON_SPATIAL]))
+def test_config_checks_run_on_the_meta_device(name):
+    """timm runs its config checks on "meta" tensors (shapes, no values): a DEQ's solve is then a
+    fixed budget with no host read. Also: in_chans, unknown options refused, reset_classifier keeps
+    the pooling by default and the model's device, dtype and mode, bfloat16 after a forward."""
+    import inspect
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, device="meta", dtype=torch.float32).eval()
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    cfg = model.default_cfg
+    assert model.in_chans == cfg["input_size"][0]
+    with pytest.raises(TypeError):
+        timm.create_model(name, pretrained=False, device="meta", not_a_model_arg=1)
+    assert inspect.signature(model.reset_classifier).parameters["global_pool"].default is None
+    x = torch.randn(1, *cfg["input_size"], device="meta")
+    feats = model.forward_features(x)
+    assert tuple(feats.shape[2:]) == tuple(cfg["pool_size"]) and feats.shape[1] == model.num_features
+    model.to(torch.bfloat16)
+    assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0, "")
+    model.reset_classifier(2)  # a classifier after no pooling brings the pooling back
+    params = list(model.get_classifier().parameters())
+    assert params and all(p.device.type == "meta" and p.dtype == torch.float64 for p in params)
+    assert not any(m.training for m in model.modules())
+    assert model(x.to(torch.float64)).shape == (1, 2)
+
+
 @pytest.mark.parametrize("name", sorted(NON_SPATIAL))
 def test_head_api_non_spatial(name):
     torch.manual_seed(0)

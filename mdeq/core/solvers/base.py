@@ -71,7 +71,7 @@ class _CountedMap:
         self.f = f
         self.nfe = 0
         self.device_type = device.type
-        self.autocast = torch.is_autocast_enabled(self.device_type)
+        self.autocast = self.device_type != "meta" and torch.is_autocast_enabled(self.device_type)
         self.autocast_dtype = torch.get_autocast_dtype(self.device_type) if self.autocast else None
 
     def __call__(self, z: Tensor) -> Tensor:
