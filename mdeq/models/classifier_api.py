@@ -75,6 +75,27 @@ def select_levels(num_levels: int, indices: int | Sequence[int] | None) -> list[
     return out
 
 
+def pick_intermediates(
+    levels: Sequence[Tensor],
+    final: Any,
+    solution: Any,
+    indices: int | Sequence[int] | None,
+    intermediates_only: bool,
+    return_solution: bool,
+) -> Any:
+    """What ``forward_intermediates`` returns: the selected ``levels``, after ``final()`` (the
+    forward_features output) unless ``intermediates_only``, with the solve's record appended when
+    ``return_solution``."""
+    picked = [levels[i] for i in select_levels(len(levels), indices)]
+    out: Any = picked if intermediates_only else (final(), picked)
+    return (out, solution) if return_solution else out
+
+
+def check_output_fmt(output_fmt: str) -> None:
+    if output_fmt != "NCHW":
+        raise ValueError(f"output_fmt must be 'NCHW' (the feature levels are NCHW maps), got {output_fmt!r}")
+
+
 class FeatureInfo:
     """Per-level description of a feature extractor's outputs (channels, reduction = input size /
     feature size, and the module that computes it), with the accessors timm's ``FeatureInfo`` has."""

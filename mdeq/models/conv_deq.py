@@ -7,7 +7,15 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
-from mdeq.models.classifier_api import check_head_options, default_pool, linear_or_identity, refuse_symbolic_tracing, select_levels
+from mdeq.models.classifier_api import (
+    check_head_options,
+    check_output_fmt,
+    default_pool,
+    linear_or_identity,
+    pick_intermediates,
+    refuse_symbolic_tracing,
+    select_levels,
+)
 from mdeq.nn.cells import ConvResidualCell
 from mdeq.nn.deq import DEQ
 
@@ -126,14 +134,10 @@ class ConvDEQClassifier(nn.Module):
         return_solution: bool = False,
     ) -> Any:
         """Feature levels (stem, equilibrium, pooled map) as in :class:`~mdeq.models.MDEQClassifier`."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         stem, z, solution = self._solve(x)
         feats = self.norm(z)
-        levels = [stem, z, self.pool(feats)]
-        picked = [levels[i] for i in select_levels(len(levels), indices)]
-        out: Any = picked if intermediates_only else (feats, picked)
-        return (out, solution) if return_solution else out
+        return pick_intermediates([stem, z, self.pool(feats)], lambda: feats, solution, indices, intermediates_only, return_solution)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] | None = None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         if prune_head:

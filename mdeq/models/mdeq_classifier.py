@@ -10,7 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from mdeq.core.solution import DEQSolution
-from mdeq.models.classifier_api import check_head_options, default_pool, linear_or_identity, refuse_symbolic_tracing, select_levels
+from mdeq.models.classifier_api import (
+    check_head_options,
+    check_output_fmt,
+    default_pool,
+    linear_or_identity,
+    pick_intermediates,
+    refuse_symbolic_tracing,
+    select_levels,
+)
 from mdeq.nn.heads import MultiScaleClassificationHead
 from mdeq.nn.mdeq_blocks import PostFuse, ResidualBlock, conv3x3, fusion_layer
 from mdeq.nn.multiscale import MultiScaleDEQ
@@ -254,13 +262,9 @@ class MDEQClassifier(nn.Module):
         ``norm`` and ``stop_early`` are accepted for timm's signature and change nothing (the
         equilibrium couples all scales, so there is nothing to stop early). ``return_solution=True``
         appends the solve's :class:`DEQSolution`."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW' (MDEQ features are NCHW maps), got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         inj, zs, solution = self._solve(x)
-        levels = [inj, *zs]
-        picked = [levels[i] for i in select_levels(len(levels), indices)]
-        out: Any = picked if intermediates_only else (self._head().features(zs), picked)
-        return (out, solution) if return_solution else out
+        return pick_intermediates([inj, *zs], lambda: self._head().features(zs), solution, indices, intermediates_only, return_solution)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] | None = None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the classification head (for a features-only backbone); returns the kept levels."""
