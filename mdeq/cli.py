@@ -348,6 +348,11 @@ def _main(argv: list[str] | None) -> int:
         return export(argv[1:])
     if argv[0] in ("test", "validate"):
         return test_or_validate(argv[0], argv[1:])
+    if argv[0] == "predict" and ("-h" in argv or "--help" in argv):
+        print(predict_parser().format_help())
+        print("With --config FILE --ckpt_path CKPT instead of --model, `mdeq predict` is Lightning's predict loop (predictions.csv in the run folder):\n")
+        _lightning_cli(["predict", "--help"])  # exits after printing
+        return 0
     if argv[0] == "predict" and ("--model" in argv or any(x.startswith("--model=") for x in argv)) and "--config" not in argv:
         return predict_zoo_model(argv[1:])
     if argv[0] == "models":

@@ -84,3 +84,10 @@ def test_lightning_predict_writes_a_row_per_input(tmp_path):
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert len(rows) == 360 and [int(r["index"]) for r in rows] == list(range(360))
     assert set(rows[0]) == {"index", "class", "class_index", "probability", "label", "converged", "residual"}
+
+
+def test_predict_help_shows_both_routes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--model MODEL" in out and "--ckpt_path" in out
