@@ -280,6 +280,12 @@ def get_backward(spec: BackwardSpec, **options: Any) -> Backward:
         return get_backward(spec.pop("name"), **{**spec, **options})
     if not isinstance(spec, str):
         raise TypeError(f"backward must be a name, a mapping or a Backward instance, got {type(spec).__name__}")
+    if spec == "SteadyStateAdjoint":
+        raise ValueError(
+            "unknown backward mode 'SteadyStateAdjoint': that is DeepEquilibriumNetworks.jl / SciML's name for the implicit "
+            "(IFT) gradient; use backward='implicit' (ImplicitBackward(linear_solver='dense') solves it with an LU "
+            f"factorisation, like SteadyStateAdjoint with LU). Available: {', '.join(list_backwards())}."
+        )
     if spec not in _BACKWARDS:
         close = difflib.get_close_matches(spec, list_backwards(), n=2, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -28,7 +28,26 @@ def list_solvers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+SCIML_SOLVERS: dict[str, tuple[str, str]] = {
+    "NewtonRaphson": ("newton_krylov", "Newton's method; mdeq's solves each Newton step with GMRES on exact JVPs"),
+    "KrylovJL_GMRES": ("newton_krylov", "Newton with a GMRES linear solve"),
+    "TrustRegion": ("newton_krylov", "no trust-region method yet; the nearest is Newton-Krylov (or broyden)"),
+    "LimitedMemoryBroyden": ("broyden", "limited-memory Broyden (option memory)"),
+    "Broyden": ("broyden", "limited-memory Broyden (option memory)"),
+    "Tsit5": ("ode", "integrate dz/dt = f(z) - z to steady state (option method='tsit5')"),
+    "VCAB3": ("ode", "integrate dz/dt = f(z) - z to steady state; mdeq's integrators are Tsit5 and Dopri5"),
+    "DynamicSS": ("ode", "steady state of dz/dt = f(z) - z"),
+    "SSRootfind": ("broyden", "a root-finding solver"),
+    "Anderson": ("anderson", "Anderson acceleration"),
+}
+"""DeepEquilibriumNetworks.jl / SciML solver names, with mdeq's counterpart (README: "Coming from
+DeepEquilibriumNetworks.jl"). An unknown name that is one of them says which to use."""
+
+
 def _unknown(name: str, known: list[str], what: str) -> ValueError:
+    if what == "solver" and name in SCIML_SOLVERS:
+        ours, how = SCIML_SOLVERS[name]
+        return ValueError(f"unknown solver {name!r}: that is a DeepEquilibriumNetworks.jl / SciML name; use solver={ours!r} ({how}). Available: {', '.join(known)}.")
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return ValueError(f"unknown {what} {name!r}.{hint} Available: {', '.join(known)}.")
