@@ -129,6 +129,10 @@ def test_the_only_reference_from_the_library_to_the_zoo_is_the_timm_hook():
         if not name.startswith("mdeq") or _layer(name) in ("mdeq.lightning", "mdeq.cli"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(".")[0] == "zoo":
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("zoo."):  # a module path
                 found.append(name)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__"):
+                arg = node.args[0] if node.args else None
+                if isinstance(arg, ast.Constant) and str(arg.value).split(".")[0] == "zoo":
+                    found.append(name)
     assert sorted(set(found)) == ["mdeq.timm_hook"]

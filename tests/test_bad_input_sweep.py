@@ -135,7 +135,7 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("module/train_max_steps", lambda: ClassificationModule(train_max_steps=0), ValueError, "train_max_steps must be >= 1"),
     ("module/eval_tol", lambda: ClassificationModule(eval_tol=-1.0), ValueError, r"eval_tol must be in \(0, 1\]"),
     ("module/jacobian_probability", lambda: ClassificationModule(jacobian_probability=2.0), ValueError, r"jacobian_probability must be in \[0, 1\]"),
-    ("module/num_classes_mismatch", lambda: ClassificationModule(backbone="mdeq_digits", num_classes=3)._step((X(2, 1, 8, 8), torch.tensor([0, 1])), "val"), ValueError, "returns 10 logits but num_classes=3"),
+    ("module/num_classes_mismatch", lambda: ClassificationModule(backbone=__import__("mdeq.models", fromlist=["mdeq_digits"]).mdeq_digits(), num_classes=3), ValueError, "num_classes=3 but the backbone MDEQClassifier predicts 10 classes"),
     # ---- DataModules ---------------------------------------------------------------------------
     ("data/mnist_missing_root", lambda: setup(MNISTDataModule(root="/nonexistent")), FileNotFoundError, "MNIST not found: expected /nonexistent/MNIST/raw"),
     ("data/fashion_missing_root", lambda: setup(FashionMNISTDataModule(root="/nonexistent")), FileNotFoundError, "FashionMNIST not found"),
