@@ -420,20 +420,22 @@ class DEQ(nn.Module):
             "early_stop=False, check_input=False, on_divergence='ignore' for a compiled graph."
         )
 
+    @staticmethod
+    def _scoped(budget: SolverBudget | None) -> SolverBudget | None:
+        """The call's budget over any enclosing :func:`~mdeq.core.budget.solver_budget` block."""
+        scoped = current_budget()
+        return scoped if budget is None else budget.over(scoped)
+
     def _fixed_call(self, budget: SolverBudget | None = None) -> bool:
         """Whether this call runs a fixed budget (``SolverBudget.fixed``): exactly max_steps
         iterations and no host read."""
-        scoped = current_budget()
-        if budget is not None:
-            scoped = budget.over(scoped)
+        scoped = self._scoped(budget)
         return bool(scoped is not None and scoped.fixed)
 
     def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
         """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:
         its own settings under ``budget`` and any enclosing :func:`~mdeq.core.budget.solver_budget` block."""
-        scoped = current_budget()
-        if budget is not None:
-            scoped = budget.over(scoped)
+        scoped = self._scoped(budget)
         own = (self.max_steps, self.tol, self.jacobian_regularization, self.record_trace)
         return own if scoped is None else scoped.resolve(*own)
 
