@@ -11,6 +11,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from mdeq.core.solvers.jacobian_products import make_dual
+
 BACKENDS = ("vjp", "jvp", "finite_diff")
 
 
@@ -142,7 +144,7 @@ def jacobian_frobenius(
             (prod,) = torch.autograd.grad(fz, z, eps, create_graph=True, retain_graph=True)
         elif backend == "jvp":
             with fwAD.dual_level():
-                out = f(fwAD.make_dual(z.detach(), eps))
+                out = f(make_dual(z.detach(), eps))
                 prod = fwAD.unpack_dual(out).tangent
             if prod is None:
                 prod = torch.zeros_like(z)
@@ -165,7 +167,7 @@ def jvp_fn(f: Callable[[Tensor], Tensor], z: Tensor) -> Callable[[Tensor], Tenso
         if state["forward_ad"]:
             try:
                 with fwAD.dual_level():
-                    out = fwAD.unpack_dual(f(fwAD.make_dual(z, v))).tangent
+                    out = fwAD.unpack_dual(f(make_dual(z, v))).tangent
                 return torch.zeros_like(z) if out is None else out
             except (NotImplementedError, RuntimeError):
                 state["forward_ad"] = False

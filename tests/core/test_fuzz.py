@@ -162,7 +162,7 @@ def test_runaway_is_named_in_the_warning():
 
 
 @pytest.mark.parametrize("scale", [1e-23, 1e-30, 1e25])
-@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden", "newton_krylov"])
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden", "newton_krylov", "newton", "trust_region"])
 def test_tiny_and_huge_states_are_measured_not_rounded_to_zero(scale, solver):
     # float32 squares underflow below 1e-19: the residual norm used to be 0 after one step
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mdeq import DEQ
 from mdeq.core.solvers import get_solver
 
-SOLVERS = ["fixed_point", "anderson", "broyden", "newton_krylov", "ode"]
+SOLVERS = ["fixed_point", "anderson", "broyden", "newton_krylov", "ode", "newton", "trust_region"]
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 
 
@@ -47,7 +47,7 @@ def test_every_solver_solves_random_contractions(seed, dim, batch, norm, double,
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), dim=st.integers(1, 8), batch=st.integers(1, 4), norm=st.floats(0.1, 0.8), solver=st.sampled_from(["anderson", "broyden", "ode"]))
+@given(seed=st.integers(0, 10_000), dim=st.integers(1, 8), batch=st.integers(1, 4), norm=st.floats(0.1, 0.8), solver=st.sampled_from(["anderson", "broyden", "ode", "newton", "trust_region"]))
 def test_implicit_gradients_match_unrolled_on_random_contractions(seed, dim, batch, norm, solver):
     w = random_matrix(seed, dim, norm, torch.float64).requires_grad_()
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64, requires_grad=True)

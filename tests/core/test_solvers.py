@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from mdeq import ConvResidualCell
 from mdeq.core.solvers import Anderson, Broyden, FixedPoint, NewtonKrylov, get_solver, gmres, list_solvers
 from tests.helpers import contraction_matrix, iterate_to_fixed_point, linear_fixed_point
 
-SOLVERS = ["fixed_point", "anderson", "broyden", "newton_krylov"]
+SOLVERS = ["fixed_point", "anderson", "broyden", "newton_krylov", "newton", "trust_region"]
 
 
 def test_registry_lists_every_solver():
@@ -41,7 +42,7 @@ def test_tanh_map_reaches_reference(name):
     torch.testing.assert_close(res.z, z_ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["anderson", "broyden", "newton_krylov"])
+@pytest.mark.parametrize("name", ["anderson", "broyden", "newton_krylov", "newton", "trust_region"])
 def test_batch_solve_equals_per_sample_solves(name):
     """Each sample has its own coefficients and stop: batching changes nothing."""
     w = contraction_matrix(10, 0.9)
@@ -138,7 +139,23 @@ def test_unknown_solver_name_and_option_are_clear_errors():
     s = get_solver({"name": "anderson", "m": 3, "beta": 0.5})
     assert isinstance(s, Anderson) and s.m == 3 and s.beta == 0.5
     with pytest.raises(ValueError, match="beta"):
-        Anderson(beta=1.5)
+        Anderson(beta=0.0)
+
+
+def test_anderson_over_relaxation_is_allowed_and_warns_only_beyond_two():
+    """The implicit-layers tutorial's beta=2 is a valid Anderson setting; beta > 2 makes the mixing
+    step expansive even for a constant map, and says so."""
+    a = contraction_matrix(12, 0.8).abs() / 2  # a spectrum of small size, mostly non-negative
+    b = torch.randn(3, 12, dtype=torch.float64)
+    for beta in (1.5, 2.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            solver = Anderson(beta=beta)
+        res = solver.solve(lambda z: z @ a.T + b, torch.zeros_like(b), tol=1e-10, max_steps=100)
+        assert bool(res.converged.all())
+        torch.testing.assert_close(res.z, linear_fixed_point(a, b), rtol=1e-8, atol=1e-8)
+    with pytest.warns(UserWarning, match=r"beta=3 > 2.*lambda < 0.33.*1 < beta <= 2"):
+        get_solver("anderson", beta=3.0)
 
 
 def test_bad_solver_arguments():

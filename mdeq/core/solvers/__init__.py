@@ -6,9 +6,11 @@ from mdeq.core.solvers.broyden import Broyden
 from mdeq.core.solvers.fallback import FallbackChain
 from mdeq.core.solvers.fixed_point import FixedPoint
 from mdeq.core.solvers.gmres import gmres
+from mdeq.core.solvers.newton import Newton
 from mdeq.core.solvers.newton_krylov import NewtonKrylov
 from mdeq.core.solvers.ode import ODESteadyState
 from mdeq.core.solvers.registry import SolverSpec, get_solver, list_solvers, register_solver
+from mdeq.core.solvers.trust_region import TrustRegion
 
 __all__ = [
     "Anderson",
@@ -16,11 +18,13 @@ __all__ = [
     "ConvergenceTracker",
     "FallbackChain",
     "FixedPoint",
+    "Newton",
     "NewtonKrylov",
     "ODESteadyState",
     "Solver",
     "SolverResult",
     "SolverSpec",
+    "TrustRegion",
     "get_solver",
     "gmres",
     "list_solvers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,6 +14,11 @@ from mdeq.core.solvers.base import Map, Solver, linear_algebra_dtype, select_row
 from mdeq.core.solvers.registry import register_solver
 
 
+SAFE_OVER_RELAXATION = 2.0
+"""The largest ``beta`` for which the plain mixing step contracts every eigencomponent with
+eigenvalue in [0, 1) (see :class:`Anderson`); larger values warn."""
+
+
 @register_solver
 @dataclass
 class Anderson(Solver):
@@ -22,6 +28,11 @@ class Anderson(Solver):
     ``m`` residuals g_i = f(z_i) - z_i, then mixes z <- beta * sum a_i f(z_i) + (1 - beta) *
     sum a_i z_i. The small system is regularised by ``lam`` times its mean diagonal; where it is
     still singular or gives non-finite weights the sample falls back to a plain step.
+
+    ``beta`` > 1 over-relaxes (the implicit-layers tutorial uses 2): it speeds up maps whose
+    Jacobian has a non-negative spectrum, since the plain mixing step multiplies an eigencomponent
+    by 1 - beta (1 - lambda), below 1 in size for every lambda in [0, 1) while beta <= 2. Above 2
+    that factor exceeds 1 even for lambda = 0 (f constant in z), so such a beta warns.
     """
 
     name = "anderson"
@@ -30,11 +41,21 @@ class Anderson(Solver):
     lam: float = 1e-4
 
     option_rules: ClassVar[dict[str, Rule]] = {
-        "m": integer(1, MAX_HISTORY), "beta": real(0.0, 1.0, low_open=True), "lam": real(0.0),
+        "m": integer(1, MAX_HISTORY), "beta": real(0.0, low_open=True), "lam": real(0.0),
     }
 
     def __post_init__(self) -> None:
         check_options("Anderson", self, self.option_rules)
+        if self.beta > SAFE_OVER_RELAXATION:
+            warnings.warn(
+                f"Anderson beta={self.beta:g} > {SAFE_OVER_RELAXATION:g}: the over-relaxed mixing step multiplies each "
+                f"eigencomponent of the error by 1 - beta (1 - lambda), which exceeds 1 in size for every eigenvalue "
+                f"lambda < {1 - SAFE_OVER_RELAXATION / self.beta:.2g} of df/dz (even lambda = 0): the solve relies on the "
+                "Anderson extrapolation alone and may diverge. 1 < beta <= 2 over-relaxes safely for maps with a "
+                "non-negative spectrum; beta < 1 damps oscillating ones.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def init_state(self, z0: Tensor) -> Any:
         # Without autograd the history lives in preallocated ring buffers written in place; under

@@ -5,16 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from mdeq.core.options import MAX_HISTORY, Rule, check_options, choice, integer, real
 from mdeq.core.solvers.base import Map, Solver
 from mdeq.core.solvers.gmres import gmres
+from mdeq.core.solvers.jacobian_products import JVP_MODES, jacobian_vector_product
 from mdeq.core.solvers.registry import register_solver
-
-JVP_MODES = ("auto", "forward_ad", "finite_diff")
 
 
 @register_solver
@@ -45,27 +42,11 @@ class NewtonKrylov(Solver):
     def init_state(self, z0: Tensor) -> Any:
         return {"jvp": self.jvp}
 
-    def _jvp(self, state: Any, f: Map, z: Tensor, fz: Tensor, v: Tensor) -> Tensor:
-        if state["jvp"] in ("auto", "forward_ad"):
-            try:
-                with fwAD.dual_level():
-                    out = f(fwAD.make_dual(z, v))
-                    tangent = fwAD.unpack_dual(out).tangent
-                return torch.zeros_like(z) if tangent is None else tangent
-            except (NotImplementedError, RuntimeError):
-                if state["jvp"] == "forward_ad":
-                    raise
-                state["jvp"] = "finite_diff"
-        vnorm = torch.linalg.vector_norm(v, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        znorm = torch.linalg.vector_norm(z, dim=1)
-        h = torch.finfo(z.dtype).eps ** 0.5 * (1.0 + znorm) / vnorm
-        return (f(z + h[:, None] * v) - fz) / h[:, None]
-
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
         g = fz - z
 
         def jacobian_of_g(v: Tensor) -> Tensor:
-            jv = jvp(v) if jvp is not None else self._jvp(state, f, z, fz, v)
+            jv = jvp(v) if jvp is not None else jacobian_vector_product(state, f, z, fz, v)
             return jv - v
 
         d, _, _ = gmres(jacobian_of_g, -g, max_iter=self.krylov_dim, rtol=self.krylov_tol)

@@ -29,9 +29,9 @@ def list_solvers() -> list[str]:
 
 
 SCIML_SOLVERS: dict[str, tuple[str, str]] = {
-    "NewtonRaphson": ("newton_krylov", "Newton's method; mdeq's solves each Newton step with GMRES on exact JVPs"),
+    "NewtonRaphson": ("newton", "exact Newton: per-sample Jacobian and LU, for states of up to a few hundred dimensions; newton_krylov (GMRES on exact JVPs) for larger ones"),
     "KrylovJL_GMRES": ("newton_krylov", "Newton with a GMRES linear solve"),
-    "TrustRegion": ("newton_krylov", "no trust-region method yet; the nearest is Newton-Krylov (or broyden)"),
+    "TrustRegion": ("trust_region", "Newton with a dogleg trust region, exact per-sample Jacobian"),
     "LimitedMemoryBroyden": ("broyden", "limited-memory Broyden (option memory)"),
     "Broyden": ("broyden", "limited-memory Broyden (option memory)"),
     "Tsit5": ("ode", "integrate dz/dt = f(z) - z to steady state (option method='tsit5')"),
