@@ -37,7 +37,7 @@ from mdeq.core import (
     solver_budget,
 )
 from mdeq.diagnose import Diagnosis, diagnose
-from mdeq.nn import DEQ, ConvResidualCell, MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, SkipDEQ, TanhCell, Tempered
+from mdeq.nn import DEQ, ConvResidualCell, InputInjection, MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, SkipDEQ, TanhCell, Tempered
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "HigherOrderGradientError",
     "ImplicitBackward",
     "JacobianRegularization",
+    "InputInjection",
     "MultiScaleDEQ",
     "MultiScaleNeuralODE",
     "MultiScaleSkipDEQ",

@@ -4,8 +4,10 @@ a few mdeq commands (demo, solvers, models)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mdeq.shipped_configs import available_configs, with_resolved_configs
 
@@ -18,7 +20,7 @@ def overview() -> str:
         "mdeq: deep equilibrium models for PyTorch",
         "",
         "usage: mdeq {fit,validate,test,predict} --config <task>/<model> | <path.yaml> [--key value ...]",
-        "       mdeq doctor --model <name> | --config <yaml>   (why a DEQ does not converge, what to change)",
+        "       mdeq doctor --model <name> | --config <yaml> | --module <pkg.mod:factory>   (why a DEQ does not converge, what to change)",
         "       mdeq test --model <zoo name> [--data-root DIR]  (evaluate shipped weights on their task's test split)",
         "       mdeq predict --model <zoo name> IMAGE... [--output preds.csv|preds.json]  (classify image files)",
         "       mdeq export --checkpoint <ckpt> --name <name> --task <task> --config <yaml>",
@@ -67,6 +69,48 @@ def _from_config(path: str, overrides: list[str]) -> tuple[object, object]:
     return cli.model.backbone, batch
 
 
+def _from_module(spec: str, input_shape: list[int] | None, batch_size: int) -> tuple[Any, Any]:
+    """The model (and batch) of ``mdeq doctor --module PKG.MOD:FACTORY`` or ``path/file.py:FACTORY``."""
+    import importlib
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise ValueError("expected PKG.MOD:FACTORY or path/to/file.py:FACTORY (e.g. mymodels:build)")
+    if where.endswith(".py"):
+        path = os.path.abspath(where)
+        if not os.path.isfile(path):
+            raise OSError(f"no such file: {where}")
+        loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if loader is None or loader.loader is None:
+            raise ImportError(f"cannot import {where}")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own package in this folder
+        module = importlib.import_module(where)
+    if not hasattr(module, attr):
+        public = sorted(n for n in dir(module) if not n.startswith("_"))
+        raise AttributeError(f"{where} has no {attr!r} (it defines: {', '.join(public[:20]) or 'nothing public'})")
+    made = getattr(module, attr)
+    if not isinstance(made, nn.Module):
+        if not callable(made):
+            raise TypeError(f"{where}:{attr} is a {type(made).__name__}, neither a model nor a function returning one")
+        made = made()
+    model, batch = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}:{attr} gave a {type(model).__name__}; it must return an nn.Module or (model, batch)")
+    if batch is None:
+        if not input_shape:
+            raise ValueError(f"{where}:{attr} returned a model without a batch: give --input-shape (per sample, e.g. 3 32 32)")
+        batch = torch.randn(batch_size, *input_shape)
+    return model, batch
+
+
 def doctor(argv: list[str]) -> int:
     """``mdeq doctor``: diagnose a model's DEQ layer on a batch and recommend changes."""
 
@@ -79,8 +123,13 @@ def doctor(argv: list[str]) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a zoo model name (a random batch of the input shape of its task)")
     src.add_argument("--config", help="a training config: its model and one real training batch")
+    src.add_argument(
+        "--module", metavar="PKG.MOD:FACTORY",
+        help="your own model: FACTORY() in module PKG.MOD (or path/to/file.py:FACTORY; the current folder is importable) "
+        "returns an nn.Module (a random batch of --input-shape) or (model, batch); a module-level model object also works",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape for --model (default: the model's)")
+    p.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape for --model (default: the model's) and --module")
     p.add_argument("--layer", help="name of the DEQ layer (default: the first)")
     p.add_argument("--mode", choices=["train", "eval"], default="train", help="model mode (default train: as in training)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,6 +143,13 @@ def doctor(argv: list[str]) -> int:
         model = zoo.create(a.model)
         shape = tuple(a.input_shape) if a.input_shape else zoo.entry(a.model).input_shape  # from the model's task
         batch = torch.randn(a.batch_size, *shape)
+    elif a.module:
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            model, batch = _from_module(a.module, a.input_shape, a.batch_size)
+        except (ImportError, AttributeError, TypeError, ValueError, OSError) as err:
+            p.error(f"--module {a.module}: {err}")
     else:
         model, batch = _from_config(a.config, rest)
     model.train(a.mode == "train")

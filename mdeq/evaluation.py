@@ -7,8 +7,7 @@ user gets from the same call.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,7 +17,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mdeq.core.budget import SolverBudget, solver_budget
-from mdeq.core.errors import ConvergenceWarning
 from mdeq.data.normalized import NormalizedTensorDataset
 from mdeq.data.tasks import Task, get_task
 
@@ -102,8 +100,7 @@ def evaluate(
     correct = top5 = loss = nfe = residual_sum = residual_max = converged = 0.0
     count = 0
     try:
-        with solver_budget(budget if budget is not None else SolverBudget()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with solver_budget(replace(budget, quiet=True) if budget is not None else SolverBudget(quiet=True)):
             for x, y in batches:
                 x, y = x.to(dev), y.to(dev)
                 logits, sol = model(x, return_solution=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -194,3 +195,55 @@ def test_doctor_figure_plots_residual_against_f_evaluations_with_the_tol_line():
         assert ends[t.solver] == pytest.approx(t.nfe), t.solver
     assert any(line.get_label() == "tol 1e-05" for line in ax.get_lines())
     plt.close(fig)
+
+
+USER_MODELS = '''
+import torch
+from torch import nn
+from mdeq import DEQ, TanhCell
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.deq = DEQ(TanhCell(8, weight_scale=2.5), max_steps=30)
+
+    def forward(self, x):
+        return self.deq(self.stem(x))[0]
+
+
+def build():
+    return Net()
+
+
+def build_with_batch():
+    return Net(), torch.randn(6, 4)
+
+
+model = Net()
+'''
+
+
+def test_doctor_takes_a_users_own_model_by_module_and_factory(capsys, tmp_path, monkeypatch):
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["doctor", "--module", "usermodels:build", "--input-shape", "4", "--figure", "", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layer"] == "deq" and report["batch_size"] == 8
+    assert main(["doctor", "--module", "usermodels.py:build_with_batch", "--figure", "", "--json"]) == 0  # a file path, its own batch
+    assert json.loads(capsys.readouterr().out)["batch_size"] == 6
+    assert main(["doctor", "--module", "usermodels:model", "--input-shape", "4", "--figure", ""]) == 0  # a model object
+    assert "Recommendations" in capsys.readouterr().out
+    for spec, extra, message in (
+        ("usermodels:nope", ["--input-shape", "4"], "usermodels has no 'nope' \\(it defines: .*build"),
+        ("usermodels:build", [], "returned a model without a batch: give --input-shape"),
+        ("no_such_module:build", [], "No module named 'no_such_module'"),
+        ("usermodels", [], "expected PKG.MOD:FACTORY"),
+        ("usermodels:torch", [], "neither a model nor a function"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["doctor", "--module", spec, *extra, "--figure", ""])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), spec

@@ -229,6 +229,18 @@ def _load_shipped(model: nn.Module, path: Any, c: ModelCard, card_path: Any, kwa
             raise WeightsError(f"{type(model).__name__} does not name its first layer, so its weights cannot be adapted to other input channels")
         adapt = (f"{first}.weight", trained_channels)
     load_weights(model, path, sha256=sha256, fresh=fresh, input_channels=adapt)
+    expect_card_convergence(model, c)
+
+
+def expect_card_convergence(model: nn.Module, c: ModelCard) -> None:
+    """Tell each DEQ layer that runs at the card's solver budget what fraction of samples converge
+    there (the card's test-split measure), so batches that converge as often are not warned about:
+    a shipped model's known convergence rate belongs in its card, not in a warning on every batch."""
+    from mdeq.nn.deq import deq_layers
+
+    for layer in deq_layers(model):
+        if layer.max_steps == c.solver.max_steps and layer.tol == c.solver.tol:
+            layer.expected_converged_fraction = float(c.metrics.converged_fraction)
 
 
 def _features(name: str, model: nn.Module, out_indices: int | tuple[int, ...] | None) -> nn.Module:

@@ -45,6 +45,10 @@ class SolverBudget:
             the input for NaN, no convergence report (the solution still records residuals). What
             ``torch.export`` and ``torch.compile(fullgraph=True)`` need: a static graph
             (:mod:`mdeq.deploy`). None: the layer's own ``early_stop``/``check_input``/``on_divergence``.
+        quiet: the caller reports convergence itself (it reads the solution records, as the
+            Lightning modules and the convergence guard do): layers whose ``on_divergence`` is
+            "warn" issue no ``ConvergenceWarning`` for this call; "raise" still raises. None/False:
+            the layer's own policy.
     """
 
     max_steps: int | None = None
@@ -52,6 +56,7 @@ class SolverBudget:
     jacobian: Any = KEEP
     record_trace: bool | None = None
     fixed: bool | None = None
+    quiet: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is not None:
@@ -60,8 +65,10 @@ class SolverBudget:
             check_option("solver_budget", "tol", self.tol, real(0.0))
         if self.record_trace is not None and not isinstance(self.record_trace, bool):
             raise TypeError(f"solver_budget: record_trace must be True, False or None, got {self.record_trace!r}")
-        if self.fixed is not None and not isinstance(self.fixed, bool):
-            raise TypeError(f"solver_budget: fixed must be True, False or None, got {self.fixed!r}")
+        for name in ("fixed", "quiet"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"solver_budget: {name} must be True, False or None, got {value!r}")
         if self.jacobian is not KEEP and self.jacobian != KEEP and self.jacobian is not None:
             from mdeq.core.jacobian import JacobianRegularization
 
@@ -78,7 +85,10 @@ class SolverBudget:
             outer,
             **{
                 k: v
-                for k, v in (("max_steps", self.max_steps), ("tol", self.tol), ("record_trace", self.record_trace), ("fixed", self.fixed))
+                for k, v in (
+                    ("max_steps", self.max_steps), ("tol", self.tol), ("record_trace", self.record_trace),
+                    ("fixed", self.fixed), ("quiet", self.quiet),
+                )
                 if v is not None
             },
             **({} if _keeps(self.jacobian) else {"jacobian": self.jacobian}),
@@ -115,13 +125,14 @@ def solver_budget(
     jacobian: Any = KEEP,
     record_trace: bool | None = None,
     fixed: bool | None = None,
+    quiet: bool | None = None,
 ) -> Iterator[SolverBudget]:
     """Within the block, every DEQ layer solves with this budget (see :class:`SolverBudget`);
     give a ``SolverBudget`` or its fields. Nested blocks override only the fields they set."""
-    fields_given = max_steps is not None or tol is not None or not _keeps(jacobian) or record_trace is not None or fixed is not None
+    fields_given = max_steps is not None or tol is not None or not _keeps(jacobian) or record_trace is not None or fixed is not None or quiet is not None
     if budget is not None and fields_given:
         raise TypeError("solver_budget takes a SolverBudget or its fields, not both")
-    inner = budget if budget is not None else SolverBudget(max_steps, tol, jacobian, record_trace, fixed)
+    inner = budget if budget is not None else SolverBudget(max_steps, tol, jacobian, record_trace, fixed, quiet)
     effective = inner.over(_CURRENT.get())
     token = _CURRENT.set(effective)
     try:

@@ -9,7 +9,15 @@ import torch
 from torch import Tensor
 
 from mdeq.core.backward import Backward, BackwardContext
-from mdeq.core.errors import WarningThrottle, autocast_dtype, check_policy, near_misses_only, nonconvergence_message, report_nonconvergence
+from mdeq.core.errors import (
+    WarningThrottle,
+    autocast_dtype,
+    check_policy,
+    near_misses_only,
+    nonconvergence_message,
+    report_nonconvergence,
+    within_expected_rate,
+)
 from mdeq.core.jacobian import JacobianRegularization
 from mdeq.core.solution import BackwardRecord
 from mdeq.core.solvers import Solver, SolverResult
@@ -43,6 +51,7 @@ def solve_equilibrium(
     describe: str = "forward",
     throttle: WarningThrottle | None = None,
     early_stop: bool = True,
+    expected_converged: float | None = None,
 ) -> EquilibriumResult:
     """Find z* = f(z*) from the flat initial guess ``z0`` (batch, dim) and return z*.
 
@@ -53,7 +62,8 @@ def solve_equilibrium(
     follow ``backward``. When ``jacobian_regularization`` is given and autograd
     is on, its estimate at z* is returned, differentiable. Samples that do not converge are
     reported according to ``on_divergence`` ("warn", "raise" or "ignore"); ``throttle`` thins
-    out repeated warnings.
+    out repeated warnings. ``expected_converged`` (a pretrained model's converged fraction at this
+    budget, from its card) spares a warning for batches that converge as often as expected.
     """
     check_policy(on_divergence)
     grad_on = torch.is_grad_enabled()
@@ -69,7 +79,7 @@ def solve_equilibrium(
 
     def check() -> None:  # once per solve, after the output exists (one host read)
         if on_divergence != "ignore" and not bool(forward.converged.all()):
-            if on_divergence == "warn" and near_misses_only(forward, tol):
+            if on_divergence == "warn" and (near_misses_only(forward, tol) or within_expected_rate(forward, expected_converged)):
                 return
             msg = nonconvergence_message(
                 forward,
@@ -79,6 +89,7 @@ def solve_equilibrium(
                 stop_mode=stop_mode,
                 max_steps=max_steps,
                 low_precision=autocast_dtype(z0.device),
+                expected_converged=expected_converged,
             )
             report_nonconvergence(msg, on_divergence, kind=describe, throttle=throttle, solution=forward)
 

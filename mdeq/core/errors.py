@@ -38,9 +38,60 @@ ADVICE = (
     "or a smaller init of its last layer; training recovers the scale); (2) add Jacobian "
     "regularization (jacobian_regularization='vjp') and weight it in the loss; (3) damp the "
     "iteration (FixedPoint(damping=0.5) or Anderson(beta=0.5)); (4) normalise f's weights "
-    "(weight/spectral normalisation); (5) a root-finding solver (broyden, newton_krylov) or "
-    "more steps (max_steps) if the residual was still falling."
+    "(weight/spectral normalisation); (5) a root-finding solver (broyden, newton_krylov; newton or "
+    "trust_region for states of up to a few hundred dimensions) or more steps (max_steps) if the "
+    "residual was still falling."
 )
+"""Advice for a forward solve that diverges, runs away or stalls far from tol: f does not contract."""
+
+BUDGET_ADVICE = (
+    "Nothing diverged: the solve was approaching the equilibrium and ran out of steps. What to try: "
+    "more steps or a looser tol for these calls (solver_budget(max_steps=..., tol=...) or the layer's "
+    "max_steps/tol), or a faster solver (anderson, broyden; newton or trust_region for small states). "
+    "A trained model evaluated at the budget it was trained with often leaves some samples just above "
+    "tol (a shipped model's card records its converged fraction at that budget); if it was trained "
+    "with few steps, `mdeq test --equilibrium-check` tells whether its accuracy holds with more."
+)
+"""Advice for a forward solve that was converging but hit max_steps."""
+
+BACKWARD_ADVICE = (
+    "The gradient of these samples is approximate. What to try: more backward steps or a looser "
+    "backward tol (ImplicitBackward(max_steps=..., tol=...)), a Krylov or exact linear solve "
+    "(ImplicitBackward(linear_solver='gmres'), or 'dense' for states of up to a few hundred "
+    "dimensions), or Jacobian regularization (jacobian_regularization='vjp', weighted in the loss), "
+    "which keeps I - J well conditioned."
+)
+"""Advice for an implicit backward solve that did not reach its tol."""
+
+
+def budget_bound(result: SolverResult, tol: float) -> bool:
+    """Whether a non-converged solve only ran out of steps: no sample diverged, ran away or gave
+    NaN, and every failing sample ended within 10x tol, or at a tenth of its first ||f(z) - z|| or
+    less, or was still improving (its residual fell over the second half of the trace). Reads tensors on the host (call it after a failure)."""
+    bad = ~result.converged
+    if _flagged(result, bad):
+        return False
+    res = result.residual[bad]
+    if not bool(torch.isfinite(res).all()):
+        return False
+    close = res <= 10 * tol
+    origin = getattr(result, "origin", None)
+    if origin is not None:  # ||f(z) - z|| at most a tenth of where the solve started: well on its way
+        close = close | (result.abs_residual[bad] <= 0.1 * origin[0][bad])
+    if result.trace is not None and result.trace.shape[0] >= 4:
+        tr = result.trace.detach()
+        close = close | (tr[-1][bad] < 0.5 * tr[tr.shape[0] // 2][bad])
+    return bool(close.all())
+
+
+def _flagged(result: Any, bad: torch.Tensor) -> bool:
+    """Whether any of the ``bad`` samples diverged, ran away or gave NaN at the returned iterate."""
+    for name in ("diverged", "runaway", "nonfinite_output"):
+        flag = getattr(result, name, None)
+        if flag is not None and bool(flag[bad].any()):
+            return True
+    return False
+
 
 POLICIES = ("warn", "raise", "ignore")
 
@@ -61,11 +112,14 @@ def nonconvergence_message(
     stop_mode: str,
     max_steps: int,
     low_precision: torch.dtype | None = None,
+    expected_converged: float | None = None,
 ) -> str:
-    """Describe a solve in which some samples did not converge, with concrete advice.
+    """Describe a solve in which some samples did not converge, with advice that fits: for a
+    backward solve, for a forward solve that only ran out of steps (:func:`budget_bound`), or for
+    one that diverged or stalled (f does not contract).
 
     ``what`` names the solve ("forward" or "backward"). ``low_precision`` is the autocast dtype f
-    ran in, if any. Reads tensors on the host: call it only once per solve, after it is known
+    ran in, if any; ``expected_converged`` the converged fraction a pretrained model's card records. Reads tensors on the host: call it only once per solve, after it is known
     that something failed.
     """
     converged = result.converged.detach().cpu()
@@ -80,6 +134,7 @@ def nonconvergence_message(
         if finite.numel()
         else "residual is NaN/Inf for every sample"
     )
+    bounded = what != "backward" and budget_bound(result, tol)
     parts = [
         f"DEQ {what} solve did not converge for {n_bad}/{n} samples "
         f"(solver={solver}, {result.nsteps} steps of max_steps={max_steps}, {result.nfe} f-evaluations, "
@@ -114,19 +169,32 @@ def nonconvergence_message(
             f"{n_div} sample(s) diverged (residual became NaN/Inf or grew more than "
             "divergence_factor times its initial value); the best iterate was kept."
         )
-    elif result.trace is not None and result.trace.shape[0] >= 4:
+    elif result.trace is not None and result.trace.shape[0] >= 4 and not bounded:
         tr = result.trace.detach().cpu()
         late, early = tr[-1][~converged], tr[tr.shape[0] // 2][~converged]
         if late.numel() and bool((late < 0.5 * early).all()):
             parts.append("The residual was still falling: more steps (max_steps) may suffice.")
-    if low_precision is not None and tol < 2 * torch.finfo(low_precision).eps:
+    precision_floor = low_precision is not None and tol < 2 * torch.finfo(low_precision).eps
+    if precision_floor:
         eps = torch.finfo(low_precision).eps
         parts.append(
             f"f ran under autocast in {str(low_precision).replace('torch.', '')}, whose precision (eps {eps:.2g}) puts a "
             f"floor of roughly that size under the residual, above tol={tol:g}: loosen tol to about {2 * eps:.0e} "
             "in mixed precision, or run the solve in float32 (disable autocast around the DEQ)."
         )
-    parts.append(ADVICE)
+    if expected_converged is not None:
+        parts.append(
+            f"This model's card records {expected_converged:.0%} of samples converged at this budget on its test "
+            f"split; this batch had {float(converged.float().mean()):.0%}: check that the inputs are preprocessed "
+            "as the card says (size, mean/std) and resemble its training data."
+        )
+    if what == "backward":
+        parts.append(BACKWARD_ADVICE)
+    elif bounded:
+        if not precision_floor:  # (more steps cannot go below the precision floor)
+            parts.append(BUDGET_ADVICE)
+    else:
+        parts.append(ADVICE)
     return " ".join(parts)
 
 
@@ -193,6 +261,21 @@ def near_misses_only(result: Any, tol: float) -> bool:
             return False
     res = result.residual[bad]
     return bool(torch.isfinite(res).all()) and bool((res <= NEAR_MISS_FACTOR * tol).all())
+
+
+def within_expected_rate(result: Any, expected: float | None) -> bool:
+    """Whether a batch's converged fraction is what a pretrained model's card leads one to expect
+    (``expected``, measured at the same budget on the test split): at least ``expected`` minus three
+    binomial standard deviations and 2 points, with every failing sample budget-bound (nothing
+    diverged, ran away or gave NaN). Such a batch is normal for the model, not worth a warning."""
+    if expected is None:
+        return False
+    bad = ~result.converged
+    if _flagged(result, bad):
+        return False
+    n = result.converged.numel()
+    margin = 3.0 * (expected * (1.0 - expected) / max(n, 1)) ** 0.5 + 0.02
+    return float(result.converged.float().mean()) >= expected - margin
 
 
 def report_nonconvergence(

@@ -168,3 +168,22 @@ def detach_state(z: Any) -> Any:
 
 
 __all__ = ["BackwardRecord", "BackwardStats", "DEQSolution", "detach_state"]
+
+
+class SolutionSlot:
+    """Holds the last :class:`DEQSolution` of a layer called without returning it (e.g. inside
+    ``nn.Sequential``). Copies and pickles of the layer get an empty slot: the record belongs to
+    one call (its tensors may carry that call's graph, which cannot be deep-copied), not to the
+    layer's state, so EMA copies, ``ddp_spawn`` and ``torch.save`` keep working after a forward."""
+
+    def __init__(self) -> None:
+        self.value: DEQSolution | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SolutionSlot:
+        return SolutionSlot()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.value = None

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mdeq.core.budget import KEEP, SolverBudget, solver_budget
 from mdeq.core.jacobian import JacobianRegularization, probe_keys
 from mdeq.core.solution import DEQSolution
+from mdeq.lightning.guard import ConvergenceGuard
 from mdeq.nn.deq import deq_layers
 from mdeq.lightning.recipes import (
     OPTIMIZERS,
@@ -208,12 +209,25 @@ class DEQLightningModule(pl.LightningModule):
         """The solver budget of this step: the phase's ``max_steps``/``tol`` (None keeps each
         layer's own) and, in training with a Jacobian weight, the regularizer on the steps the
         schedule draws and off on the others. It is passed to the layers for the call
-        (:func:`~mdeq.core.budget.solver_budget`); their own attributes are never rewritten."""
+        (:func:`~mdeq.core.budget.solver_budget`); their own attributes are never rewritten. It is
+        ``quiet`` where the module reports convergence itself (:meth:`reports_convergence`)."""
         phase = self.train_budget if training else self.eval_budget
         jacobian: Any = KEEP
         if training and self.jacobian.weight > 0:
             jacobian = self.regularizer if self.jacobian.active(self.global_step) else None
-        return SolverBudget(phase.max_steps, phase.tol, jacobian)
+        return SolverBudget(phase.max_steps, phase.tol, jacobian, quiet=self.reports_convergence(training))
+
+    def reports_convergence(self, training: bool) -> bool:
+        """Whether this module, not each DEQ layer, reports convergence in this phase: evaluation
+        always (the converged fraction and residuals are logged, shown in the result line and written
+        with predictions; a freshly initialised model's sanity check is not worth a warning), training
+        when a :class:`~mdeq.lightning.guard.ConvergenceGuard` watches the run (it warns, with advice,
+        when the equilibrium is being lost over a window of steps, instead of a warning per batch
+        while a tight training budget leaves samples above tol). Layers set to "raise" still raise."""
+        if not training:
+            return True
+        trainer = self._trainer
+        return trainer is not None and any(isinstance(cb, ConvergenceGuard) for cb in trainer.callbacks)
 
     def run_backbone(self, x: Tensor, training: bool) -> tuple[Tensor, DEQSolution]:
         with solver_budget(self.budget(training)):

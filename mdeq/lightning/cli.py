@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -149,6 +150,19 @@ def build_cli(args: list[str] | None) -> MDEQCLI:
     )
 
 
+class _DropAdvertisement(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger" line (a product suggestion printed on
+    every run that uses another logger; nothing about this run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.getMessage())
+
+
+_RANK_ZERO_LOG = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+if not any(isinstance(f, _DropAdvertisement) for f in _RANK_ZERO_LOG.filters):
+    _RANK_ZERO_LOG.addFilter(_DropAdvertisement())
+
+
 def run_lightning_cli(args: list[str] | None = None) -> None:
     """Run :class:`MDEQCLI` on ``args`` (None: ``sys.argv``), then close W&B cleanly. Given
     ``args`` stand in ``sys.argv`` for the run (Lightning reads it, e.g. to relaunch processes),
@@ -161,15 +175,23 @@ def run_lightning_cli(args: list[str] | None = None) -> None:
             # A new fit never shares a folder with another run's checkpoints (claim_run_folder
             # refuses it), so Lightning's "exists and is not empty" is only ever a resumed run's.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            # Lightning 2.x with torch >= 2.10 (the pinned set): Lightning's own use of a torch API
+            # that torch deprecated; nothing a user of the command can change
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
             build_cli(None)
     finally:
         sys.argv[:] = saved
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
+            from mdeq.lightning.loggers import offline_run_note
+
+            note = offline_run_note(wandb.run)
             wandb.finish()
             teardown = getattr(wandb, "teardown", None)
             if teardown is not None:
                 teardown()  # waits for the wandb service to write the run: complete on disk on return
+            if note is not None:
+                print(note)
 
 
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches")

@@ -21,7 +21,8 @@ class ConvergenceGuard(pl.Callback):
     - A non-finite loss or gradient: the optimizer step is skipped (gradients dropped) and
       training stops with a message; the weights stay finite.
     - When the mean fraction of samples *near* equilibrium (relative residual within
-      ``near_factor`` times the solver tolerance, not diverged) over the last ``window`` steps
+      ``near_factor`` times the solver tolerance, not diverged; and the implicit backward's residual
+      too, where there is one) over the last ``window`` steps
       falls below ``min_converged_fraction``, the guard escalates through ``actions``: "warn" (a
       ``ConvergenceWarning`` with advice), "increase_jacobian" (multiply the module's Jacobian
       weight by ``jacobian_factor``, from ``initial_jacobian_weight`` if it was 0, up to
@@ -138,6 +139,9 @@ class ConvergenceGuard(pl.Callback):
             # Training budgets are deliberately tight (few solver steps), so "not converged to tol"
             # is normal; losing the equilibrium means residuals far above tol, or divergence.
             near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
+            bw = getattr(sol, "backward", None)  # the implicit backward's linear solve: its gradient is only as good as its residual
+            if bw is not None and bw.converged is not None and bw.residual is not None and bw.converged.shape == near.shape:
+                near = near & (bw.converged | (bw.residual <= self.near_factor * sol.tol))
             n = sol.converged.numel()
             local[1:] = torch.stack([near.float().sum(), sol.converged.float().sum(), torch.tensor(float(n))]).cpu()
         bad_loss, near_total, reached_total, count = self._all_ranks(trainer, local).tolist()  # one host read
@@ -162,7 +166,7 @@ class ConvergenceGuard(pl.Callback):
         self.recent.clear()
         residual = float(sol.residual.max())
         what = (
-            f"DEQ training is losing its equilibrium: only {mean:.0%} of samples came within {self.near_factor:g}x the "
+            f"DEQ training is losing its equilibrium: only {mean:.0%} of samples came (forward and backward) within {self.near_factor:g}x the "
             f"tolerance over the last "
             f"{self.window} steps (step {trainer.global_step}, max rel. residual {residual:.3g}, {sol.nfe} f-evals)."
         )

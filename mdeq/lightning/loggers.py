@@ -31,6 +31,12 @@ class AutoWandbLogger(WandbLogger):
             offline = not wandb_key_available()
         if offline:
             os.environ["WANDB_MODE"] = "offline"
+            if kwargs.get("settings") is None:
+                # wandb's own banner and run summary (about 40 lines) are for online runs; offline,
+                # run_lightning_cli prints one line saying where the run is and how to upload it
+                import wandb
+
+                kwargs["settings"] = wandb.Settings(silent=True)
         os.environ.setdefault("WANDB_CONSOLE", "off")
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
@@ -39,6 +45,17 @@ class AutoWandbLogger(WandbLogger):
         init_kwargs = getattr(self, "_wandb_init", None)
         if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous") is None:
             init_kwargs.pop("anonymous", None)
+
+
+def offline_run_note(run: Any) -> str | None:
+    """One line for the end of a run that W&B kept offline: where it is, how to upload it."""
+    settings = getattr(run, "settings", None)
+    if settings is None or getattr(settings, "mode", None) not in ("offline", "dryrun"):
+        return None
+    folder = os.path.dirname(str(run.dir).rstrip(os.sep))
+    if os.path.basename(folder) == "files":  # (older wandb: run.dir is the run's files/ folder)
+        folder = os.path.dirname(folder)
+    return f"W&B (offline, no API key): run saved in {os.path.relpath(folder)}; upload it with `wandb sync {os.path.relpath(folder)}`"
 
 
 def wandb_loggers(trainer: Any) -> list[WandbLogger]:

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from mdeq.core.solution import SolutionSlot
+
 GLOBAL_POOLS = ("avg", "")
 """``"avg"``: the architecture's own average pooling before the classifier; ``""``: none (the
 unpooled features; only without a classifier)."""
@@ -153,10 +155,15 @@ class EquilibriumFeatures(nn.Module):
         model.prune_intermediate_layers(prune_head=True)  # type: ignore[operator]
         self.model = model
         self.feature_info = FeatureInfo(levels, self.out_indices)
-        self.last_solution: Any = None
+        self._last_solution = SolutionSlot()  # (deep copies and pickles get an empty one)
+
+    @property
+    def last_solution(self) -> Any:
+        """The solve's record of the last call (None before one)."""
+        return self._last_solution.value
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
-        feats, self.last_solution = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True, return_solution=True)  # type: ignore[operator]
+        feats, self._last_solution.value = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True, return_solution=True)  # type: ignore[operator]
         return feats
 
 

@@ -1,4 +1,5 @@
-"""The MNIST DEQ of the DeepEquilibriumNetworks.jl blog post: a small MLP DEQ solved as a
+"""The MNIST DEQ of the Julia Language blog post "Composability in Julia: Implementing Deep Equilibrium
+Models via Neural ODEs" (julialang.org/blog/2021/10/DEQ, DiffEqFlux.jl, 2021): a small MLP DEQ solved as a
 continuous DEQ (ODE steady state)."""
 
 from __future__ import annotations
@@ -115,6 +116,6 @@ class DEQMLPClassifier(nn.Module):
 
 
 def deq_mlp_mnist(**overrides: Any) -> DEQMLPClassifier:
-    """The DeepEquilibriumNetworks.jl blog's MNIST DEQ (784-200-20 encoder, 20-10-10-20 cell with
+    """The julialang.org DiffEqFlux blog post's MNIST DEQ (784-200-20 encoder, 20-10-10-20 cell with
     z + x injection, 20-15-10 head, ODE steady-state solver at tol 1e-2; ~0.16M parameters)."""
     return DEQMLPClassifier(**overrides)

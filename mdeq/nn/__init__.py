@@ -1,6 +1,6 @@
 """DEQ layers and cells (plain nn.Modules)."""
 
-from mdeq.nn.cells import ConvResidualCell, TanhCell, Tempered
+from mdeq.nn.cells import ConvResidualCell, InputInjection, TanhCell, Tempered
 from mdeq.nn.deq import DEQ, SkipDEQ, check_cell_signature
 from mdeq.nn.norms import (
     SpectralNormConv2d,
@@ -17,6 +17,7 @@ from mdeq.nn.multiscale import MultiScaleDEQ, MultiScaleInit, MultiScaleMap, Mul
 __all__ = [
     "DEQ",
     "ConvResidualCell",
+    "InputInjection",
     "MultiScaleDEQ",
     "MultiScaleInit",
     "MultiScaleMap",

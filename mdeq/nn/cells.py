@@ -71,3 +71,18 @@ class Tempered(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}"
+
+
+class InputInjection(nn.Module):
+    """f(z, x) = g(z + x) for a one-argument network g (input injection by addition). Unlike a
+    lambda around g, the wrapper registers g as a submodule, so its parameters are the DEQ's
+    (``deq.parameters()``, optimizers, ``.to(device)``, state dicts)."""
+
+    def __init__(self, g: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(g, nn.Module):
+            raise TypeError(f"InputInjection wraps an nn.Module (its parameters become the DEQ's), got {type(g).__name__}")
+        self.g = g
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.g(z + x)

@@ -17,7 +17,7 @@ from mdeq.core.jacobian import JacobianSpec, get_jacobian_regularization
 from mdeq.core.neural_ode import NeuralODE
 from mdeq.core.options import OptionError, check_option, choice, integer, real
 from mdeq.core.packing import State, StatePacker
-from mdeq.core.solution import DEQSolution
+from mdeq.core.solution import DEQSolution, SolutionSlot
 from mdeq.core.solvers import FixedPoint, SolverSpec, get_solver
 from mdeq.core.stability import Stability, StabilityWarning, equilibrium_stability, repelling_message
 from mdeq.nn.norms import begin_solve
@@ -39,9 +39,16 @@ def check_cell_signature(f: Callable[..., Any]) -> None:
         sig.bind(None, None)
     except TypeError:
         name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", repr(f))
+        if isinstance(f, nn.Module):
+            how = (
+                f"Wrap it so that its parameters stay the DEQ's: DEQ(mdeq.InputInjection({name}(...))) computes "
+                f"g(z + x), or write an nn.Module whose forward(z, x) calls it (a lambda z, x: g(z + x) would hide g's "
+                "parameters from deq.parameters() and the optimizer)."
+            )
+        else:
+            how = "Wrap it, e.g. lambda z, x: g(z + x) (for an nn.Module g: mdeq.InputInjection(g), which keeps g's parameters)."
         raise TypeError(
-            f"f must be callable as f(z, x) (the state z and the input injection x); "
-            f"{name} has signature {sig}. Wrap it, e.g. lambda z, x: g(z + x)."
+            f"f must be callable as f(z, x) (the state z and the input injection x); {name} has signature {sig}. {how}"
         ) from None
 
 
@@ -98,7 +105,7 @@ class DEQ(nn.Module):
         f: the cell, an ``nn.Module`` (or callable) called as ``f(z, x)``; z is a tensor or a
             tuple of tensors (the state), x the input injection.
         solver: forward solver: a name (``"anderson"``, ``"broyden"``, ``"fixed_point"``,
-            ``"newton_krylov"``), a mapping ``{"name": ..., **options}`` or a ``Solver``.
+            ``"newton_krylov"``, ``"newton"``, ``"trust_region"``; ``mdeq.list_solvers()``), a mapping ``{"name": ..., **options}`` or a ``Solver``.
         backward: ``"implicit"`` (IFT; default), ``"phantom"`` or ``"unrolled"``, a mapping or
             a ``Backward`` instance (e.g. ``ImplicitBackward(solver="broyden", tol=1e-6)``).
         tol, max_steps, stop_mode: stop when the per-sample residual ("rel" or "abs") is at
@@ -130,6 +137,10 @@ class DEQ(nn.Module):
             state and ``converged`` compares it with ``tol`` (in neural-ODE mode: whether z(T) is
             an equilibrium, which a short ``t_span`` need not reach).
         t_span: (t0, T) for ``mode="neural_ode"``.
+        return_solution: ``True`` (default): a call returns ``(z_star, solution)``; ``False``: only
+            ``z_star``, the solution kept in :attr:`last_solution` (a layer in ``nn.Sequential``,
+            a function for ``torch.autograd.gradcheck``; add ``last_solution.jacobian_loss`` or
+            ``skip_loss`` to the loss as usual). :meth:`solve` always returns both.
         stability: whether to check that the equilibrium found attracts plain iteration
             (spectral radius of df/dz at z* below 1; see :mod:`mdeq.core.stability`): ``"auto"``
             (default) checks, in training mode, states of at most 64 dimensions on the first
@@ -168,9 +179,14 @@ class DEQ(nn.Module):
         mode: str | NeuralODE = "equilibrium",
         t_span: tuple[float, float] | None = None,
         stability: str = "auto",
+        return_solution: bool = True,
     ) -> None:
         super().__init__()
         check_cell_signature(f)
+        if not isinstance(return_solution, bool):
+            raise TypeError(f"DEQ option 'return_solution' must be True or False, got {return_solution!r}")
+        self.return_solution = return_solution
+        self._last_solution = SolutionSlot()
         self.neural_ode = _neural_ode_mode(mode, t_span, f, jacobian_regularization)
         self.f = f
         self.solver = get_solver(solver)
@@ -193,6 +209,9 @@ class DEQ(nn.Module):
         self.early_stop = bool(early_stop)
         self.on_divergence = check_policy(on_divergence)
         self.warning_throttle = WarningThrottle()
+        self.expected_converged_fraction: float | None = None
+        """A pretrained layer's converged fraction at its own budget (set from the model card by
+        ``zoo.create(pretrained=True)``): batches that converge about as often get no warning."""
         self.jacobian_regularization = get_jacobian_regularization(jacobian_regularization)
         if isinstance(init, str):
             if init not in INIT_NAMES:
@@ -332,7 +351,26 @@ class DEQ(nn.Module):
 
         return f_flat, z0_flat, packer, z0
 
+    @property
+    def last_solution(self) -> DEQSolution | None:
+        """The record of the last call made with ``return_solution=False`` (None before one)."""
+        slot = getattr(self, "_last_solution", None)  # (modules pickled before the option existed)
+        return None if slot is None else slot.value
+
     def forward(
+        self, x: Any, z0: State | None = None, *, unroll: int | None = None, budget: SolverBudget | None = None
+    ) -> tuple[State, DEQSolution] | State:
+        """``(z_star, solution)`` (see :meth:`solve`); with ``return_solution=False`` only ``z_star``,
+        the solution then in :attr:`last_solution` (for ``nn.Sequential`` and ``gradcheck(deq, x)``)."""
+        z_star, solution = self.solve(x, z0, unroll=unroll, budget=budget)
+        if getattr(self, "return_solution", True):
+            return z_star, solution
+        if not hasattr(self, "_last_solution"):
+            self._last_solution = SolutionSlot()
+        self._last_solution.value = solution
+        return z_star
+
+    def solve(
         self, x: Any, z0: State | None = None, *, unroll: int | None = None, budget: SolverBudget | None = None
     ) -> tuple[State, DEQSolution]:
         """Solve for the equilibrium of ``f(., x)``; return ``(z_star, solution)``.
@@ -365,7 +403,7 @@ class DEQ(nn.Module):
             solver, backward, policy = FixedPoint(), UnrolledBackward(), "ignore"
             solve_tol, solve_steps = 0.0, unroll + 1
         else:
-            solver, backward, policy = self.solver, self.backward_mode, "ignore" if fixed else self.on_divergence
+            solver, backward, policy = self.solver, self.backward_mode, self._policy_for_call(budget, fixed)
             solve_tol, solve_steps = tol, max_steps
         result = solve_equilibrium(
             f_flat,
@@ -381,6 +419,7 @@ class DEQ(nn.Module):
             on_divergence=policy,
             throttle=self.warning_throttle,
             early_stop=getattr(self, "early_stop", True) and not fixed,  # (modules pickled before the option existed)
+            expected_converged=self._expected_converged(max_steps, tol),
         )
         skip_loss = None
         if self.learned_init:
@@ -388,7 +427,8 @@ class DEQ(nn.Module):
             skip_loss = gap.pow(2).sum() / max(gap.numel(), 1)  # the mean; an empty batch gives 0, not NaN
         stability = None
         if unroll is None and not fixed and self._stability_due():
-            stability = self._check_stability(f_flat, result.forward.z, result.forward.converged, policy)
+            # (a repelling equilibrium is reported once per layer even under a quiet budget: no record shows it)
+            stability = self._check_stability(f_flat, result.forward.z, result.forward.converged, self.on_divergence)
         # an unrolled pass ran exactly N steps (tol 0): it is reported against the call's tol
         name = solver.name if unroll is None else f"unrolled({unroll})"
         solution = DEQSolution.from_result(
@@ -431,6 +471,24 @@ class DEQ(nn.Module):
         iterations and no host read."""
         scoped = self._scoped(budget)
         return bool(scoped is not None and scoped.fixed)
+
+    def _policy_for_call(self, budget: SolverBudget | None, fixed: bool) -> str:
+        """``on_divergence`` for this call: "ignore" under a fixed budget, and "warn" turns silent when
+        the call's budget is ``quiet`` (its caller reads the records); "raise" stays."""
+        if fixed:
+            return "ignore"
+        scoped = self._scoped(budget)
+        if self.on_divergence == "warn" and scoped is not None and scoped.quiet:
+            return "ignore"
+        return self.on_divergence
+
+    def _expected_converged(self, max_steps: int, tol: float) -> float | None:
+        """The card's converged fraction of a pretrained layer, when this call runs at the budget it
+        was measured at (the layer's own ``max_steps`` and ``tol``)."""
+        expected = getattr(self, "expected_converged_fraction", None)  # (modules pickled before it existed)
+        if expected is None or max_steps != self.max_steps or tol != self.tol:
+            return None
+        return expected
 
     def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
         """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +367,12 @@ def test_warnings_go_above_the_progress_bar_on_a_terminal(monkeypatch):
             warnings.warn("solver note", UserWarning)
     assert len(written) == 1 and "solver note" in written[0]
     assert warnings.showwarning is before
+
+
+def test_toy_config_prints_what_it_is_for_and_few_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", "toy/deq_toy_regressor", "--trainer.max_epochs", "3", "--trainer.logger", "false"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"test predictions: f\(-5\) = -?\d+\.\d{3} \(target -10\), f\(0\) = .*f\(12\) = ", out), out
+    figures = list(tmp_path.glob("runs/toy/deq_toy_regressor/**/*.png"))
+    assert len(figures) == 1  # epoch 0 of 3 (every 100th epoch: 5 over the config's 500, not 500)

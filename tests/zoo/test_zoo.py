@@ -47,7 +47,7 @@ def test_card_is_complete_and_matches_the_file(name):
 
 
 # The accuracy each task's shipped weights must reach on the full official test split (issue #5;
-# deq_mlp_mnist is the Julia blog's small MLP DEQ, held to what it reached when shipped;
+# deq_mlp_mnist is the julialang.org DiffEqFlux blog post's small MLP DEQ, held to what it reached when shipped;
 # the CIFAR-10 models were trained on a CPU and are held to what they reached: conv_deq_small 75.1%
 # and mdeq_tiny 81.8%; the tutorial's 81.6% and the paper's 87.1% are the goals for GPU-trained weights).
 TARGETS = {
