@@ -317,7 +317,7 @@ def test_an_empty_batch_gives_zero_auxiliary_losses_not_nan(backend):
 
     deq = SkipDEQ(TanhCell(4, 4), nn.Linear(4, 4), state_shape=(4,), jacobian_regularization=backend).train()
     z, sol = deq(torch.randn(0, 4))
-    assert z.shape == (0, 4) and float(sol.skip_loss) == 0.0 and float(sol.jacobian_loss) == 0.0
+    assert z.shape == (0, 4) and sol.skip_loss.item() == 0.0 and sol.jacobian_loss.item() == 0.0
     (sol.skip_loss + sol.jacobian_loss).backward()  # still differentiable
     full_z, full = deq(torch.randn(3, 4))
     assert float(full.skip_loss) > 0 and float(full.jacobian_loss) > 0

@@ -157,7 +157,7 @@ def test_pickle_carrying_code_is_refused_without_running_it(tmp_path):
     payload.marker = marker
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as fh:
-        pickle.dump({"state_dict": payload}, fh)
+        pickle.dump({"state_dict": payload}, fh, protocol=2)  # (torch.save's protocol: no "protocol 4" notice)
     with pytest.raises(WeightsError, match="refused to load.*weights_only"):
         load_weights(zoo.create("mdeq_digits"), evil)
     assert not marker.exists()
@@ -188,3 +188,13 @@ def test_the_solver_budget_belongs_to_the_entry_not_to_pretrained(name):
     x = torch.randn(2, *shape)
     with torch.no_grad():
         torch.testing.assert_close(built(x), shipped(x), rtol=0, atol=0)
+
+
+def test_pretrained_layers_know_their_cards_converged_fraction():
+    from mdeq.nn.deq import deq_layers
+
+    for name in ("mdeq_digits", "conv_deq_small_cifar10"):
+        card_fraction = zoo.card(name).metrics.converged_fraction
+        layers = deq_layers(zoo.create(name, pretrained=True))
+        assert layers and all(layer.expected_converged_fraction == pytest.approx(card_fraction) for layer in layers)
+        assert all(layer.expected_converged_fraction is None for layer in deq_layers(zoo.create(name)))  # untrained: no claim
