@@ -35,7 +35,7 @@ def test_predict_image_files_as_csv_and_json(digit_files, tmp_path, capsys):
     paths, labels = digit_files
     out = tmp_path / "preds.csv"
     assert main(["predict", "--model", "mdeq_digits", *paths, "--output", str(out), "--top-k", "3"]) == 0
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["input"] for r in rows] == paths
     assert list(rows[0]) == ["input", "class", "class_index", "probability", "class_2", "probability_2", "class_3", "probability_3", "converged", "residual"]
     assert sum(r["class"] == t for r, t in zip(rows, labels)) >= 11  # the shipped model is 98.9% accurate
@@ -81,7 +81,7 @@ def test_lightning_predict_writes_a_row_per_input(tmp_path):
     args = ["--config", "digits/mdeq_digits", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
     assert main(["fit", *args, "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"]) == 0
     assert main(["predict", *args, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")]) == 0
-    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").read_text().splitlines()))
     assert len(rows) == 360 and [int(r["index"]) for r in rows] == list(range(360))
     assert set(rows[0]) == {"index", "class", "class_index", "probability", "label", "converged", "residual"}
 
