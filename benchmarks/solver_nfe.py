@@ -38,6 +38,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for tol in args.tols:
         for name in list_solvers():
+            max_dim = getattr(get_solver(name), "max_dim", None)
+            if max_dim is not None and z0.shape[1] > max_dim:  # newton, trust_region: dim f-evaluations per step
+                print(f"| {name} | {tol:g} | - | - | - | not run: a dense {z0.shape[1]}-dim Jacobian per step (max_dim {max_dim}) |")
+                continue
             times = []
             for _ in range(args.repeats):
                 with torch.no_grad():
