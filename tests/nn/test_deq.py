@@ -320,4 +320,4 @@ def test_an_empty_batch_gives_zero_auxiliary_losses_not_nan(backend):
     assert z.shape == (0, 4) and sol.skip_loss.item() == 0.0 and sol.jacobian_loss.item() == 0.0
     (sol.skip_loss + sol.jacobian_loss).backward()  # still differentiable
     full_z, full = deq(torch.randn(3, 4))
-    assert float(full.skip_loss) > 0 and float(full.jacobian_loss) > 0
+    assert full.skip_loss.item() > 0 and full.jacobian_loss.item() > 0
