@@ -387,11 +387,12 @@ class DEQ(nn.Module):
             self._check_traceable()
         # meta tensors carry shapes, no values (timm's config tests run models on "meta"): the solve
         # is then shape propagation, a fixed budget with no host read
-        fixed = self._fixed_call(budget) or any(t.is_meta for t in _tensors(x))
+        scoped = self._scoped(budget)  # resolved once per call: budget, fixed, quiet
+        fixed = bool(scoped is not None and scoped.fixed) or any(t.is_meta for t in _tensors(x))
         f_flat, z0_flat, packer, z0 = self.flat_problem(x, z0, fixed=fixed)
         if isinstance(self.f, nn.Module):  # once per solve: new dropout masks, refined spectral norms
             begin_solve(self.f.modules())
-        max_steps, tol, jacobian, record_trace = self.budget_for_call(budget)
+        max_steps, tol, jacobian, record_trace = self._resolve(scoped)
 
         if self.neural_ode is not None and unroll is None:
             return self._integrate(f_flat, z0_flat, packer, z0, x, tol)
@@ -403,7 +404,7 @@ class DEQ(nn.Module):
             solver, backward, policy = FixedPoint(), UnrolledBackward(), "ignore"
             solve_tol, solve_steps = 0.0, unroll + 1
         else:
-            solver, backward, policy = self.solver, self.backward_mode, self._policy_for_call(budget, fixed)
+            solver, backward, policy = self.solver, self.backward_mode, self._policy_for_call(scoped, fixed)
             solve_tol, solve_steps = tol, max_steps
         result = solve_equilibrium(
             f_flat,
@@ -466,18 +467,12 @@ class DEQ(nn.Module):
         scoped = current_budget()
         return scoped if budget is None else budget.over(scoped)
 
-    def _fixed_call(self, budget: SolverBudget | None = None) -> bool:
-        """Whether this call runs a fixed budget (``SolverBudget.fixed``): exactly max_steps
-        iterations and no host read."""
-        scoped = self._scoped(budget)
-        return bool(scoped is not None and scoped.fixed)
-
-    def _policy_for_call(self, budget: SolverBudget | None, fixed: bool) -> str:
-        """``on_divergence`` for this call: "ignore" under a fixed budget, and "warn" turns silent when
-        the call's budget is ``quiet`` (its caller reads the records); "raise" stays."""
+    def _policy_for_call(self, scoped: SolverBudget | None, fixed: bool) -> str:
+        """``on_divergence`` for this call (``scoped``: its resolved budget): "ignore" under a fixed
+        budget, and "warn" turns silent when the budget is ``quiet`` (its caller reads the records);
+        "raise" stays."""
         if fixed:
             return "ignore"
-        scoped = self._scoped(budget)
         if self.on_divergence == "warn" and scoped is not None and scoped.quiet:
             return "ignore"
         return self.on_divergence
@@ -493,7 +488,10 @@ class DEQ(nn.Module):
     def budget_for_call(self, budget: SolverBudget | None = None) -> tuple[int, float, Any, bool]:
         """(max_steps, tol, Jacobian regularization, record_trace) this layer uses for a call now:
         its own settings under ``budget`` and any enclosing :func:`~mdeq.core.budget.solver_budget` block."""
-        scoped = self._scoped(budget)
+        return self._resolve(self._scoped(budget))
+
+    def _resolve(self, scoped: SolverBudget | None) -> tuple[int, float, Any, bool]:
+        """This layer's own settings under an already resolved budget."""
         own = (self.max_steps, self.tol, self.jacobian_regularization, self.record_trace)
         return own if scoped is None else scoped.resolve(*own)
 
