@@ -4,13 +4,15 @@ Newton-type solvers (newton_krylov, newton, trust_region)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from mdeq.core.solvers.base import Map
+from mdeq.core.options import Rule, choice, integer
+from mdeq.core.solvers.base import Map, Solver
 
 JVP_MODES = ("auto", "forward_ad", "finite_diff")
 """How a solver takes J v: exact forward-mode AD, a finite difference, or "auto" (forward AD,
@@ -77,3 +79,19 @@ def check_dense_dim(solver: str, dim: int, max_dim: int) -> None:
             f"this state has {dim} dimensions, above its max_dim={max_dim}. Use solver='newton_krylov' (Newton on "
             f"matrix-free Jacobian products) or 'anderson' for large states, or raise max_dim."
         )
+
+
+@dataclass(kw_only=True)
+class DenseJacobianSolver(Solver):
+    """What the dense-Jacobian solvers (newton, trust_region) share: how J v is taken (``jvp``, one
+    of :data:`JVP_MODES`), the largest state they accept (``max_dim``; each step costs ``dim``
+    f-evaluations and ``dim**2`` numbers per sample), and the per-solve state holding the JVP mode."""
+
+    jvp: str = "auto"
+    max_dim: int = 1024
+
+    dense_option_rules: ClassVar[dict[str, Rule]] = {"jvp": choice(*JVP_MODES), "max_dim": integer(1)}
+
+    def init_state(self, z0: Any) -> Any:
+        check_dense_dim(self.name, z0.shape[1], self.max_dim)
+        return {"jvp": self.jvp}

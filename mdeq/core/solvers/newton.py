@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mdeq.core.options import Rule, check_options, choice, integer, real
-from mdeq.core.solvers.base import Map, Solver, linear_algebra_dtype, select_rows
-from mdeq.core.solvers.jacobian_products import JVP_MODES, check_dense_dim, dense_jacobian
+from mdeq.core.options import Rule, check_options, real
+from mdeq.core.solvers.base import Map, linear_algebra_dtype, select_rows
+from mdeq.core.solvers.jacobian_products import DenseJacobianSolver, dense_jacobian
 from mdeq.core.solvers.registry import register_solver
 
 
@@ -26,7 +26,7 @@ def newton_direction(jac_f: Tensor, z: Tensor, fz: Tensor) -> tuple[Tensor, Tens
 
 @register_solver
 @dataclass
-class Newton(Solver):
+class Newton(DenseJacobianSolver):
     """Newton's method with the exact Jacobian: each step forms J_f at z per sample from ``dim``
     Jacobian-vector products (forward-mode AD; see ``jvp``) and solves (J_f - I) d = -(f(z) - z)
     by LU, then z <- z + ``step_size`` * d. Quadratic convergence near a root, including roots
@@ -40,19 +40,11 @@ class Newton(Solver):
 
     name = "newton"
     step_size: float = 1.0
-    jvp: str = "auto"
-    max_dim: int = 1024
 
-    option_rules: ClassVar[dict[str, Rule]] = {
-        "step_size": real(0.0, 1.0, low_open=True), "jvp": choice(*JVP_MODES), "max_dim": integer(1),
-    }
+    option_rules: ClassVar[dict[str, Rule]] = {"step_size": real(0.0, 1.0, low_open=True), **DenseJacobianSolver.dense_option_rules}
 
     def __post_init__(self) -> None:
         check_options("Newton", self, self.option_rules)
-
-    def init_state(self, z0: Tensor) -> Any:
-        check_dense_dim(self.name, z0.shape[1], self.max_dim)
-        return {"jvp": self.jvp}
 
     def step(self, state: Any, z: Tensor, fz: Tensor, f: Map, jvp: Map | None) -> Tensor:
         d, ok = newton_direction(dense_jacobian(state, f, z, fz, jvp), z, fz)

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mdeq.core.options import Rule, check_options, choice, integer, real
-from mdeq.core.solvers.base import RESIDUAL_DTYPE, Map, Solver, batched_dot, host_reads_are_free, select_rows
-from mdeq.core.solvers.jacobian_products import JVP_MODES, check_dense_dim, dense_jacobian
+from mdeq.core.options import Rule, check_options, real
+from mdeq.core.solvers.base import RESIDUAL_DTYPE, Map, batched_dot, host_reads_are_free, select_rows
+from mdeq.core.solvers.jacobian_products import DenseJacobianSolver, dense_jacobian
 from mdeq.core.solvers.newton import newton_direction
 from mdeq.core.solvers.registry import register_solver
 
@@ -53,7 +53,7 @@ def dogleg(gn: Tensor, gn_ok: Tensor, jac_g: Tensor, g: Tensor, radius: Tensor) 
 
 @register_solver
 @dataclass
-class TrustRegion(Solver):
+class TrustRegion(DenseJacobianSolver):
     """Newton's method safeguarded by a trust region: each step forms the exact Jacobian (as
     ``newton``), takes Powell's dogleg step inside a per-sample radius, and accepts it only if
     ||f(z) - z||^2 falls by at least ``eta`` times what the linear model predicted; the radius
@@ -69,20 +69,14 @@ class TrustRegion(Solver):
     name = "trust_region"
     initial_radius: float = 1.0
     eta: float = 1e-4
-    jvp: str = "auto"
-    max_dim: int = 1024
 
     option_rules: ClassVar[dict[str, Rule]] = {
         "initial_radius": real(0.0, low_open=True), "eta": real(0.0, SHRINK_BELOW, high_open=True),
-        "jvp": choice(*JVP_MODES), "max_dim": integer(1),
+        **DenseJacobianSolver.dense_option_rules,
     }
 
     def __post_init__(self) -> None:
         check_options("TrustRegion", self, self.option_rules)
-
-    def init_state(self, z0: Tensor) -> Any:
-        check_dense_dim(self.name, z0.shape[1], self.max_dim)
-        return {"jvp": self.jvp}
 
     def _jacobian(self, state: Any, f: Map, z: Tensor, fz: Tensor, jvp: Map | None) -> Tensor:
         """J_f at z; reused when the last step moved no sample (read only where reads are free)."""
