@@ -53,16 +53,21 @@ def _from_config(path: str, overrides: list[str]) -> tuple[object, object]:
 
     from mdeq.lightning.classification import DEQLightningModule
 
-    cli = LightningCLI(
-        DEQLightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=["--config", path, "--trainer.logger", "false", *overrides],
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-    )
+    saved = list(sys.argv)
+    sys.argv[1:] = []  # the arguments are given as args: Lightning warns when the command line has others too
+    try:
+        cli = LightningCLI(
+            DEQLightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=["--config", path, "--trainer.logger", "false", *overrides],
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv[:] = saved
     dm = cli.datamodule
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
