@@ -47,6 +47,9 @@ class BackwardContext:
     linear_solver: str = "iterative"
     low_precision: torch.dtype | None = None
     """The autocast dtype f ran in during the forward pass (its graph keeps that precision)."""
+    early_stop: bool = True
+    """As the forward solve's: False runs the backward's iterative solve for exactly ``max_steps``
+    iterations without asking the device whether it is done (no host read in the backward)."""
 
 
 LINEAR_SOLVERS = ("auto", "iterative", "gmres", "dense")
@@ -167,6 +170,7 @@ class _ImplicitGradient(torch.autograd.Function):
             divergence_factor=s.divergence_factor,
             record_trace=s.record_trace,
             jvp=vjp,
+            early_stop=s.early_stop,
         )
         s.record.stats = BackwardStats(
             mode="implicit",

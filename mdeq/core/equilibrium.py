@@ -109,6 +109,7 @@ def solve_equilibrium(
         on_divergence=on_divergence,
         record=record,
         throttle=throttle,
+        early_stop=early_stop,
     )
     need_jacobian = jacobian_regularization is not None
     output, z_leaf, fz_leaf = backward.attach(f, forward.z, ctx, need_jacobian)

@@ -121,3 +121,28 @@ def test_a_deq_inference_forward_without_early_stop_reads_nothing(monkeypatch: p
     assert mode.count == 0, mode.ops
     assert sol_early.nsteps < 40 == sol_fixed.nsteps and bool(sol_fixed.converged.all())
     torch.testing.assert_close(z_fixed, z_early, rtol=0, atol=0)  # converged samples stay frozen
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
+def test_a_fixed_budget_training_step_reads_nothing_even_in_the_implicit_backward(monkeypatch: pytest.MonkeyPatch, solver: str) -> None:
+    """The GPU training recipe's step (SolverBudget(fixed=True)): the forward solve and the implicit
+    backward's linear solve both run max_steps iterations without a stop check; the real CUDA stop
+    check stays in place, so a stop check in the backward would be counted."""
+    from mdeq.core.budget import solver_budget
+
+    monkeypatch.setattr(base, "host_reads_are_free", lambda t: False)  # the real stop check stays
+
+    def reads(fixed: bool) -> tuple[int, int | None]:
+        torch.manual_seed(0)
+        deq = DEQ(ConvResidualCell(8, 16, num_groups=4), solver=solver, tol=1e-3, max_steps=12,
+                  backward={"name": "implicit", "linear_solver": "iterative"})
+        x = torch.randn(2, 8, 6, 6, requires_grad=True)
+        with HostReads() as mode, solver_budget(fixed=fixed, quiet=True):
+            z, sol = deq(x)
+            z.square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        return mode.count, sol.backward.nsteps
+
+    fixed_reads, backward_steps = reads(True)
+    assert fixed_reads == 0 and backward_steps == 12
+    assert reads(False)[0] > 0  # the counter sees the early-stopping backward's stop checks
