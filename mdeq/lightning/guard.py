@@ -45,6 +45,13 @@ class ConvergenceGuard(pl.Callback):
       ``StabilityWarning`` with the fixes), and the largest spectral radius seen is logged as
       ``stability/spectral_radius``.
 
+    - ``check_every_n_steps`` (default 1): how often the guard reads its statistics on the host.
+      Each read waits for the device (a CUDA synchronisation). With N > 1 the steps in between
+      read nothing: the per-step counts are summed on the device, a step whose gradients are
+      not finite has them zeroed there (the optimizer's step then leaves the weights finite), and
+      every N-th step reads the sums once, decides as above over the N steps (windows are still
+      counted in steps) and stops training if any of them had a non-finite loss or gradient.
+
     ``stopped_reason`` holds the message when the guard stopped training.
     """
 
@@ -60,8 +67,15 @@ class ConvergenceGuard(pl.Callback):
         budget_window: int = 200,
         budget_actions: tuple[str, ...] = ("warn",),
         stability_every_n_steps: int = 500,
+        check_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
+        if not (isinstance(check_every_n_steps, int) and not isinstance(check_every_n_steps, bool) and check_every_n_steps >= 1):
+            raise ValueError(f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}")
+        self.check_every_n_steps = check_every_n_steps
+        self._pending: torch.Tensor | None = None  # device sums since the last read: bad loss, bad grads, near, reached, samples
+        self._pending_steps = 0
+        self._bad_grads: torch.Tensor | None = None  # device count of zeroed non-finite-gradient steps
         if not (isinstance(stability_every_n_steps, int) and stability_every_n_steps >= 0):
             raise ValueError(f"stability_every_n_steps must be an integer >= 0, got {stability_every_n_steps!r}")
         self.stability_every_n_steps = stability_every_n_steps
@@ -80,9 +94,9 @@ class ConvergenceGuard(pl.Callback):
         self.jacobian_factor = jacobian_factor
         self.initial_jacobian_weight = initial_jacobian_weight
         self.max_jacobian_weight = max_jacobian_weight
-        self.recent: deque[float] = deque(maxlen=window)
+        self.recent: deque[float] = deque(maxlen=self._checks(window))  # one entry per read (N steps)
         self.budget_window = budget_window
-        self.reached: deque[float] = deque(maxlen=budget_window)  # fraction at tol itself, per step
+        self.reached: deque[float] = deque(maxlen=self._checks(budget_window))  # fraction at tol itself, per read
         self.budget_actions = tuple(budget_actions)
         self.budget_level = 0
         self.jacobian_weight: float | None = None  # the weight this guard set, re-applied on resume
@@ -96,6 +110,20 @@ class ConvergenceGuard(pl.Callback):
         schedule = getattr(pl_module, "jacobian", None)
         if self.jacobian_weight is not None and schedule is not None:
             schedule.weight, schedule.warmup_steps = self.jacobian_weight, 0
+
+    def _checks(self, steps: int) -> int:
+        """A window of ``steps`` training steps, in reads (each covers ``check_every_n_steps``)."""
+        return max(1, -(-steps // self.check_every_n_steps))
+
+    def _reads_now(self, trainer: pl.Trainer) -> bool:
+        """Whether this step's statistics are read on the host (every ``check_every_n_steps``-th
+        step, and always the last step of the run so nothing is left unread)."""
+        n = self.check_every_n_steps
+        if n == 1:
+            return True
+        step = trainer.global_step  # already counts this step's optimizer step
+        last = getattr(trainer, "max_steps", -1)
+        return step % n == 0 or (last is not None and last > 0 and step >= last)
 
     # ---- the stability of the equilibrium ----------------------------------------------------------
     def _stability_step(self, trainer: pl.Trainer) -> bool:
@@ -118,8 +146,16 @@ class ConvergenceGuard(pl.Callback):
 
     # ---- the loss and gradients: never step on NaN ------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        flags = [torch.isfinite(p.grad).all() for p in pl_module.parameters() if p.grad is not None]
-        if flags and not bool(torch.stack(flags).all()):  # one host sync per step
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if self.check_every_n_steps > 1:  # no host read: zero the gradients on the device, count the step
+            for g in grads:
+                g.masked_fill_(~finite, 0)
+            self._bad_grads = (~finite).float() if getattr(self, "_bad_grads", None) is None else self._bad_grads + (~finite).float()
+            return
+        if not bool(finite):  # one host sync per step
             for p in pl_module.parameters():
                 p.grad = None  # the optimizer skips parameters without gradients: no NaN enters the weights
             self._stop(trainer, f"non-finite gradients at step {trainer.global_step}")
@@ -133,15 +169,15 @@ class ConvergenceGuard(pl.Callback):
         sol = getattr(pl_module, "_last_solution", None)
         solving = sol is not None and sol.tol > 0 and not sol.solver.startswith("unrolled")
         # the unrolled warm-up (pretrain_steps) runs N plain steps, not a solve to tol
+        if self.check_every_n_steps > 1:
+            self._accumulate(trainer, pl_module, loss, sol, solving)
+            return
         local = torch.zeros(4)  # non-finite loss?, samples near tol, samples within tol, samples
         local[0] = float(isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()))
         if solving and sol.converged.numel():
             # Training budgets are deliberately tight (few solver steps), so "not converged to tol"
             # is normal; losing the equilibrium means residuals far above tol, or divergence.
-            near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
-            bw = getattr(sol, "backward", None)  # the implicit backward's linear solve: its gradient is only as good as its residual
-            if bw is not None and bw.converged is not None and bw.residual is not None and bw.converged.shape == near.shape:
-                near = near & (bw.converged | (bw.residual <= self.near_factor * sol.tol))
+            near = self._near(sol)
             n = sol.converged.numel()
             local[1:] = torch.stack([near.float().sum(), sol.converged.float().sum(), torch.tensor(float(n))]).cpu()
         bad_loss, near_total, reached_total, count = self._all_ranks(trainer, local).tolist()  # one host read
@@ -153,10 +189,67 @@ class ConvergenceGuard(pl.Callback):
             return
         if not solving or count == 0:
             return
-        near_fraction, reached_fraction = near_total / count, reached_total / count
+        self._decide(trainer, pl_module, sol, near_total / count, reached_total / count)
+
+    def _near(self, sol: Any) -> torch.Tensor:
+        """Per sample: near equilibrium (within ``near_factor`` x tol, not diverged), forward and backward."""
+        near = (sol.residual <= self.near_factor * sol.tol) & ~sol.diverged
+        bw = getattr(sol, "backward", None)  # the implicit backward's linear solve: its gradient is only as good as its residual
+        if bw is not None and bw.converged is not None and bw.residual is not None and bw.converged.shape == near.shape:
+            near = near & (bw.converged | (bw.residual <= self.near_factor * sol.tol))
+        return near
+
+    def _accumulate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any, sol: Any, solving: bool) -> None:
+        """``check_every_n_steps`` > 1: add this step's counts on the device; read them every N steps."""
+        device = loss.device if isinstance(loss, torch.Tensor) else pl_module.device
+        local = torch.zeros(5, device=device)  # non-finite losses, non-finite gradients, near, reached, samples
+        if isinstance(loss, torch.Tensor):
+            local[0] = (~torch.isfinite(loss.detach()).all()).float()
+        bad_grads = getattr(self, "_bad_grads", None)
+        if bad_grads is not None:
+            local[1] = bad_grads.to(device)
+            self._bad_grads = None
+        if solving and sol.converged.numel():
+            local[2] = self._near(sol).float().sum()
+            local[3] = sol.converged.float().sum()
+            local[4] = sol.converged.numel()
+        self._pending = local if self._pending is None else self._pending + local
+        self._pending_steps += 1
+        self._pending_solution = sol if solving else getattr(self, "_pending_solution", None)
+        if self._reads_now(trainer):
+            self._read_pending(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_steps:  # check_every_n_steps > 1: nothing of an epoch stays unread
+            self._read_pending(trainer, pl_module)
+
+    def _read_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the device sums of the steps since the last read (one host read) and act on them."""
+        sums, steps, sol = self._pending, self._pending_steps, getattr(self, "_pending_solution", None)
+        self._pending, self._pending_steps, self._pending_solution = None, 0, None
+        if sums is None:
+            return
+        bad_loss, bad_grads, near_total, reached_total, count = self._all_ranks(trainer, sums).tolist()
+        if getattr(self, "stability_pending", False):
+            self.stability_pending = False
+            self._log_stability(trainer, pl_module)
+        if bad_loss > 0 or bad_grads > 0:
+            what = " and ".join(w for w, n in (("a non-finite loss", bad_loss), ("non-finite gradients", bad_grads)) if n > 0)
+            self._stop(
+                trainer,
+                f"{what} in {int(max(bad_loss, bad_grads))} of the last {steps} steps (up to step {trainer.global_step}; "
+                "the guard reads every check_every_n_steps; those steps' gradients were zeroed on the device, the weights are finite)",
+            )
+            return
+        if count == 0 or sol is None:
+            return
+        self._decide(trainer, pl_module, sol, near_total / count, reached_total / count)
+
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sol: Any, near_fraction: float, reached_fraction: float) -> None:
+        """Escalate (``actions``, ``budget_actions``) on the fractions of one read."""
         self.recent.append(near_fraction)
         self._check_budget(trainer, sol, reached_fraction, pl_module)
-        if len(self.recent) < self.window:
+        if len(self.recent) < (self.recent.maxlen or 1):
             return
         mean = sum(self.recent) / len(self.recent)
         if mean >= self.min_converged_fraction or self.level >= len(self.actions):
@@ -203,7 +296,7 @@ class ConvergenceGuard(pl.Callback):
     def _check_budget(self, trainer: pl.Trainer, sol: Any, reached_fraction: float, pl_module: pl.LightningModule) -> None:
         """Act (``budget_actions``) when samples come near equilibrium but rarely reach the tolerance."""
         self.reached.append(reached_fraction)
-        if len(self.reached) < self.budget_window:
+        if len(self.reached) < (self.reached.maxlen or 1):
             return
         repeat = bool(self.budget_actions) and self.budget_actions[-1] == "increase_jacobian"
         if self.budget_level >= len(self.budget_actions) and not repeat:
@@ -250,9 +343,9 @@ class ConvergenceGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.level = state_dict.get("level", 0)
-        self.recent = deque(state_dict.get("recent", []), maxlen=self.window)
+        self.recent = deque(state_dict.get("recent", []), maxlen=self._checks(self.window))
         self.events = list(state_dict.get("events", []))
-        self.reached = deque(state_dict.get("reached", []), maxlen=self.budget_window)
+        self.reached = deque(state_dict.get("reached", []), maxlen=self._checks(self.budget_window))
         self.jacobian_weight = state_dict.get("jacobian_weight")
         self.budget_level = int(state_dict.get("budget_level", int(bool(state_dict.get("budget_warned", False)))))
 

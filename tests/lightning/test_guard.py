@@ -282,3 +282,70 @@ def test_a_users_own_layer_settings_survive_training_the_guard_and_evaluation():
     assert seen[-1] == (2, 1e-1) and m.nfe <= 3
     assert (deq.tol, deq.max_steps) == (3e-4, 17) and deq.jacobian_regularization is own_jacobian
     assert deq.budget_for_call()[:2] == (17, 3e-4)
+
+
+# ---- check_every_n_steps: the steps in between read nothing on the host -------------------------
+
+
+def test_guard_reading_every_n_steps_still_escalates_and_stops():
+    guard = ConvergenceGuard(min_converged_fraction=0.5, window=5, check_every_n_steps=5)
+    assert guard.recent.maxlen == 1  # a window of 5 steps is one read of 5 steps
+    trainer, module = run(guard, Sabotage(10, "destabilise"))
+    assert guard.events[:3] == ["warn", "increase_jacobian(0.5)", "stop"]
+    assert trainer.global_step % 5 == 0 and trainer.global_step < 80  # decisions fall on read steps
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_guard_reading_every_n_steps_zeroes_nonfinite_gradients_and_stops_at_the_next_read():
+    guard = ConvergenceGuard(window=5, check_every_n_steps=4)
+    trainer, module = run(guard, Sabotage(5, "poison"))
+    assert "non-finite gradients" in guard.stopped_reason and "a non-finite loss" in guard.stopped_reason
+    assert "in 3 of the last 4 steps" in guard.stopped_reason  # steps 6, 7, 8 poisoned; read at step 8
+    assert trainer.global_step == 8
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # zeroed gradients: the weights stay finite
+
+
+def test_guard_reading_every_n_steps_reads_the_host_only_on_read_steps(monkeypatch: pytest.MonkeyPatch):
+    from tests.core.test_host_syncs import HostReads
+
+    reads: list[int] = []
+    sums_read = []  # the guard's one read of its sums (.tolist() of a CPU tensor bypasses the dispatcher)
+    all_ranks = ConvergenceGuard._all_ranks
+    monkeypatch.setattr(ConvergenceGuard, "_all_ranks", staticmethod(lambda t, local: sums_read.append(1) or all_ranks(t, local)))
+
+    class Count(pl.Callback):  # the guard's hooks of each step, under the counter
+        def __init__(self, guard):
+            self.guard = guard
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            before = len(sums_read)
+            with HostReads() as mode:
+                self.guard.on_before_optimizer_step(trainer, module, optimizer)
+            self.n = mode.count + len(sums_read) - before
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            before = len(sums_read)
+            with HostReads() as mode:
+                self.guard.on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+            reads.append(self.n + mode.count + len(sums_read) - before)
+
+    guard = ConvergenceGuard(window=6, check_every_n_steps=3, stability_every_n_steps=0)
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(backbone=Backbone(solver="anderson"), lr=1e-3, scheduler="constant")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Count(guard)])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert [r > 0 for r in reads] == [False, False, True] * 3, reads
+    assert len(guard.recent) == 2 and guard.events == []  # two reads of 3 steps fill the 6-step window
+    every_step = ConvergenceGuard(window=6, stability_every_n_steps=0)  # the default reads at every step
+    reads.clear()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Count(every_step)])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert all(r > 0 for r in reads) and len(reads) == 3
+
+
+def test_guard_rejects_a_bad_read_interval():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="check_every_n_steps"):
+            ConvergenceGuard(check_every_n_steps=bad)
