@@ -170,6 +170,7 @@ class DEQLightningModule(pl.LightningModule):
         eval_max_steps: int | None = None,
         train_tol: float | None = None,
         eval_tol: float | None = None,
+        train_fixed_budget: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -192,7 +193,13 @@ class DEQLightningModule(pl.LightningModule):
         self.regularizer = JacobianRegularization(backend=jacobian_backend, n_probes=jacobian_probes)
         self.skip_weight = skip_weight
         self.pretrain_steps, self.pretrain_unroll = pretrain_steps, pretrain_unroll
-        self.train_budget = SolverBudget(train_max_steps, train_tol)
+        if not isinstance(train_fixed_budget, bool):
+            from mdeq.lightning.errors import ConfigError
+
+            raise ConfigError(f"train_fixed_budget must be true or false, got {train_fixed_budget!r}")
+        # A fixed training budget runs every solve (forward and the implicit backward) for exactly
+        # its max_steps with no host read: the GPU recipe's step never waits for the device.
+        self.train_budget = SolverBudget(train_max_steps, train_tol, fixed=True if train_fixed_budget else None)
         self.eval_budget = SolverBudget(eval_max_steps, eval_tol)
         self.deqs = deq_layers(self.backbone)
         if not self.deqs:
@@ -215,7 +222,7 @@ class DEQLightningModule(pl.LightningModule):
         jacobian: Any = KEEP
         if training and self.jacobian.weight > 0:
             jacobian = self.regularizer if self.jacobian.active(self.global_step) else None
-        return SolverBudget(phase.max_steps, phase.tol, jacobian, quiet=self.reports_convergence(training))
+        return SolverBudget(phase.max_steps, phase.tol, jacobian, fixed=phase.fixed, quiet=self.reports_convergence(training))
 
     def reports_convergence(self, training: bool) -> bool:
         """Whether this module, not each DEQ layer, reports convergence in this phase: evaluation
