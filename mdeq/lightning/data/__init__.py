@@ -7,6 +7,7 @@ from mdeq.lightning.data.base import (
     default_cache_dir,
     default_data_root,
 )
+from mdeq.lightning.data.device_resident import DeviceBatches
 from mdeq.lightning.data.digits import DigitsDataModule
 from mdeq.lightning.data.synthetic import LinearToyDataModule, SyntheticDataModule
 from mdeq.lightning.data.torchvision_sets import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
@@ -15,6 +16,7 @@ __all__ = [
     "CIFAR10DataModule",
     "ClassificationDataModule",
     "DatasetNotFoundError",
+    "DeviceBatches",
     "DigitsDataModule",
     "EpochSeededSampler",
     "FashionMNISTDataModule",

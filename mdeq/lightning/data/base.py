@@ -1,4 +1,4 @@
-"""Shared DataModule machinery: tasks, seeded splits, a per-epoch seeded sampler."""
+"""Shared DataModule machinery: tasks, seeded splits, loaders (DataLoader or on the device)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,13 @@ from typing import Any, ClassVar, Sequence
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mdeq.data.normalized import NormalizedTensorDataset
+from mdeq.lightning.data.device_resident import DeviceBatches
+from mdeq.lightning.data.sampler import EpochSeededSampler  # noqa: F401 (re-exported)
 from mdeq.data.sources import DatasetNotFoundError, default_cache_dir, default_data_root  # noqa: F401 (re-exported)
 from mdeq.data.tasks import Task, get_task
-
-
-class EpochSeededSampler(DistributedSampler):
-    """Random permutation drawn from (seed, epoch) only, never from the global RNG, so a run
-    resumed from a checkpoint sees exactly the batches of an uninterrupted run.
-
-    It is a ``DistributedSampler`` that finds the process group itself: in a single process it
-    yields the whole permutation; with N processes rank r yields every N-th index of the *same*
-    permutation, so the N local batches together are exactly the single-process batch (and
-    Lightning keeps it instead of substituting its own sampler). Lightning calls
-    :meth:`set_epoch` at every epoch.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0, shuffle: bool = True) -> None:
-        dist = torch.distributed
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -37,6 +21,11 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     ``augment`` turns on random crops (zero padding ``crop_padding``) and, with ``flip``, random
     horizontal flips (right for CIFAR, wrong for digits).
+
+    ``data_on_device=True`` keeps the images on the training device (as read: uint8 for the image
+    files) and makes every batch there (:class:`~mdeq.lightning.data.device_resident.DeviceBatches`:
+    the same samples per batch as the DataLoader path, augmentation drawn on the device, no worker
+    and no host copy per step); the GPU recipes use it. ``num_workers`` must then be 0.
 
     A DataModule of a registered task (:mod:`mdeq.data.tasks`) names it in its class statement,
     ``class MNISTDataModule(ClassificationDataModule, task="mnist")``: normalisation, input shape,
@@ -73,8 +62,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         limit_test: int | None = None,
         crop_padding: int = 4,
         flip: bool = True,
+        data_on_device: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(data_on_device, bool):
+            raise ValueError(f"data_on_device must be true or false, got {data_on_device!r}")
+        if data_on_device and num_workers:
+            raise ValueError(
+                f"data_on_device=True makes the batches on the training device, where worker processes cannot help; "
+                f"set num_workers to 0 (got {num_workers})"
+            )
+        self.data_on_device = data_on_device
+        self._splits: dict[str, tuple[Tensor, Tensor]] = {}  # data_on_device: split -> (images, labels) as read
         self.crop_padding, self.flip = crop_padding, flip
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -123,6 +122,27 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set = Subset(train_full, train_idx)
         self.val_set = Subset(eval_train, val_idx) if n_val else None
         self.test_set = NormalizedTensorDataset(x_te, y_te, mean, std, augment=False, scale=self.scale)
+        if self.data_on_device:
+            train_rows, val_rows = torch.tensor(train_idx, dtype=torch.long), torch.tensor(val_idx, dtype=torch.long)
+            self._splits = {"train": (x_tr[train_rows], y_tr[train_rows]), "test": (x_te, y_te)}
+            if n_val:
+                self._splits["val"] = (x_tr[val_rows], y_tr[val_rows])
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _device_batches(self, split: str, train: bool) -> DeviceBatches:
+        images, labels = self._splits[split]
+        device = self._device()
+        if images.device != device:  # moved once, then kept there
+            images, labels = images.to(device), labels.to(device)
+            self._splits[split] = (images, labels)
+        mean, std = (self.mean, self.std) if self.normalize else (None, None)
+        return DeviceBatches(
+            images, labels, self.batch_size if train else self.eval_batch_size, mean, std, scale=self.scale, shuffle=train,
+            augment=train and self.augment, crop_padding=self.crop_padding, flip=self.flip, seed=self.seed,
+        )
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         sampler = EpochSeededSampler(ds, seed=self.seed, shuffle=train)
@@ -136,13 +156,19 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
+        if self.data_on_device:
+            return self._device_batches("train", train=True)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val_set is None else self._loader(self.val_set, train=False)
+        if self.val_set is None:
+            return []
+        return self._device_batches("val", train=False) if self.data_on_device else self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
         assert self.test_set is not None, "call setup() first"
+        if self.data_on_device:
+            return self._device_batches("test", train=False)
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
