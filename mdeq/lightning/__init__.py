@@ -1,6 +1,6 @@
 """Lightning integration: LightningModules, DataModules, loggers (the core knows nothing of it)."""
 
-from mdeq.lightning.callbacks import ResidualPlotCallback
+from mdeq.lightning.callbacks import ResidualPlotCallback, StepTimer
 from mdeq.lightning.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
 from mdeq.plots import residual_figure
 from mdeq.lightning.classification import ClassificationModule, DEQLightningModule, build_backbone
@@ -39,6 +39,7 @@ __all__ = [
     "PortableSyncBatchNorm",
     "RegressionModule",
     "ResidualPlotCallback",
+    "StepTimer",
     "SlowPrecisionWarning",
     "SyntheticDataModule",
     "build_backbone",

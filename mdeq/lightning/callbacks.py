@@ -1,4 +1,4 @@
-"""Callbacks: a figure of relative residual vs iteration (forward and backward) per validation."""
+"""Callbacks: a figure of relative residual vs iteration (forward and backward) per validation; a step timer."""
 
 from __future__ import annotations
 
@@ -57,3 +57,53 @@ class ResidualPlotCallback(pl.Callback):
             out, solution = pl_module.backbone(xi, return_solution=True)
             torch.autograd.grad(out.float().pow(2).sum(), xi, allow_unused=True)
         return solution
+
+
+class StepTimer(pl.Callback):
+    """Wall time of training steps, measured without slowing them: the device is synchronised
+    only at ``start_step`` and ``end_step`` (two host reads in the whole run). At the end of
+    training (or at ``end_step``), ``path`` (JSON) receives the seconds per step between them, the
+    batch size and the number of training batches per epoch, so that a time budget can be turned
+    into an epoch count (``tools/gpu/lease.py`` does). With ``stop=True`` training ends at
+    ``end_step``."""
+
+    def __init__(self, path: str, start_step: int = 10, end_step: int = 40, stop: bool = False) -> None:
+        super().__init__()
+        if not (isinstance(start_step, int) and isinstance(end_step, int) and 0 <= start_step < end_step):
+            raise ValueError(f"StepTimer needs 0 <= start_step < end_step (integers), got {start_step}, {end_step}")
+        self.path, self.start_step, self.end_step, self.stop = Path(path), start_step, end_step, stop
+        self._t0: float | None = None
+        self.seconds_per_step: float | None = None
+
+    @staticmethod
+    def _now(trainer: pl.Trainer) -> float:
+        import time
+
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.start_step:
+            self._t0 = self._now(trainer)
+        elif step == self.end_step and self._t0 is not None:
+            self.seconds_per_step = (self._now(trainer) - self._t0) / (self.end_step - self.start_step)
+            self._write(trainer, batch)
+            if self.stop:
+                trainer.should_stop = True
+
+    def _write(self, trainer: pl.Trainer, batch: Any) -> None:
+        import json
+
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        record = {
+            "seconds_per_step": self.seconds_per_step,
+            "steps": self.end_step - self.start_step,
+            "batch_size": int(len(x)),
+            "train_batches_per_epoch": trainer.num_training_batches,
+            "device": str(trainer.strategy.root_device),
+        }
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(record, indent=1))

@@ -385,13 +385,16 @@ class DEQLightningModule(pl.LightningModule):
 class ClassificationModule(DEQLightningModule):
     """Trains a classifier whose ``forward(x, return_solution=True)`` returns (logits, solution).
 
-    Loss = cross-entropy + Jacobian weight * jacobian_loss + skip weight * skip_loss. Logs loss,
+    Loss = cross-entropy (with ``label_smoothing`` in training) + Jacobian weight * jacobian_loss +
+    skip weight * skip_loss. Logs loss,
     top-1 (and top-5 when there are more than 5 classes) accuracy and the solver statistics
     (forward f-evaluations, backward iterations, residual mean/max, fraction converged,
     Jacobian loss) per step and per epoch.
     """
 
-    def __init__(self, backbone: Union[str, nn.Module] = "mdeq_digits", num_classes: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, backbone: Union[str, nn.Module] = "mdeq_digits", num_classes: int | None = None, label_smoothing: float = 0.0, **kwargs: Any
+    ) -> None:
         """``num_classes`` is set once: None takes the backbone's (a zoo model's comes from its
         task); a number builds a zoo backbone with that many classes. A backbone with another
         count, or data with another count (checked before training), is one clear error."""
@@ -401,6 +404,9 @@ class ClassificationModule(DEQLightningModule):
         if num_classes is not None and isinstance(backbone, str) and "num_classes" not in bk:
             kwargs["backbone_kwargs"] = {**bk, "num_classes": num_classes}
         super().__init__(backbone, **kwargs)
+        if not (_number(label_smoothing) and 0.0 <= label_smoothing < 1.0):
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         own = getattr(self.backbone, "num_classes", None)
         if num_classes is None and isinstance(own, int) and own >= 1:
             num_classes = own
@@ -413,7 +419,9 @@ class ClassificationModule(DEQLightningModule):
 
     def _set_classes(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        for split in ("train", "val", "test"):
+        # training accuracy is computed on the device in _step (torchmetrics' per-batch checks and
+        # one-hot encodings read the host); evaluation counts with torchmetrics
+        for split in ("val", "test"):
             self.metrics[f"{split}_acc"] = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
             if num_classes > 5:
                 self.metrics[f"{split}_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
@@ -446,14 +454,22 @@ class ClassificationModule(DEQLightningModule):
         logits, sol = self.run_backbone(x, training=split == "train")
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"the backbone returns {logits.shape[-1]} logits but num_classes={self.num_classes}")
-        ce = F.cross_entropy(logits, y)
+        # label smoothing shapes the training loss only; reported val/test losses are plain cross-entropy
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
         loss = self.regularized(ce, sol, split) if split == "train" else ce
         on_step = split == "train"
-        self.metrics[f"{split}_acc"](logits.detach(), y)
-        metrics: dict[str, Any] = {f"{split}/loss": loss.detach(), f"{split}/acc": self.metrics[f"{split}_acc"]}
-        if f"{split}_top5" in self.metrics:
-            self.metrics[f"{split}_top5"](logits.detach(), y)
-            metrics[f"{split}/top5"] = self.metrics[f"{split}_top5"]
+        metrics: dict[str, Any] = {f"{split}/loss": loss.detach()}
+        if on_step:  # batch means on the device (no host read); the epoch value is their batch-size-weighted mean
+            detached = logits.detach()
+            metrics["train/acc"] = (detached.argmax(-1) == y).float().mean()
+            if self.num_classes > 5:
+                metrics["train/top5"] = (detached.topk(5, dim=-1).indices == y[:, None]).any(-1).float().mean()
+        else:
+            self.metrics[f"{split}_acc"](logits.detach(), y)
+            metrics[f"{split}/acc"] = self.metrics[f"{split}_acc"]
+            if f"{split}_top5" in self.metrics:
+                self.metrics[f"{split}_top5"](logits.detach(), y)
+                metrics[f"{split}/top5"] = self.metrics[f"{split}_top5"]
         self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log_solution(sol, split, len(y))
         if split == "test":

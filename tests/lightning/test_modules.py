@@ -204,3 +204,28 @@ def test_bf16_mixed_precision_training_keeps_float32_weights_and_finite_statisti
     for key in ("train/loss", "train/residual_max", "train/jacobian_loss", "val/acc"):
         assert torch.isfinite(logged[key]), key
     assert float(logged["train/nfe"]) >= 1
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)` but the `self.trainer` reference is not registered")  # _step called bare
+@pytest.mark.filterwarnings("ignore:DEQ forward solve did not converge")  # an untrained model's solves, not under test
+def test_label_smoothing_shapes_the_training_loss_only():
+    from mdeq.lightning.errors import ConfigError
+
+    torch.manual_seed(0)
+    plain = ClassificationModule(**small_mdeq())
+    smooth = ClassificationModule(**small_mdeq(), label_smoothing=0.2)
+    smooth.load_state_dict(plain.state_dict())
+    assert smooth.hparams["label_smoothing"] == 0.2
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    plain.eval(), smooth.eval()  # same solves, no dropout
+    loss_plain, _ = plain._step((x, y), "train")
+    loss_smooth, _ = smooth._step((x, y), "train")
+    logits = plain(x)
+    torch.testing.assert_close(loss_smooth, torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(loss_plain, loss_smooth)
+    val_plain, _ = plain._step((x, y), "val")
+    val_smooth, _ = smooth._step((x, y), "val")
+    torch.testing.assert_close(val_plain, val_smooth)  # reported evaluation loss: plain cross-entropy
+    for bad in (-0.1, 1.0, float("nan"), "0.1"):
+        with pytest.raises(ConfigError, match="label_smoothing"):
+            ClassificationModule(**small_mdeq(), label_smoothing=bad)
