@@ -36,6 +36,8 @@ def runnable(config: str, folder: Path, batch_size: int = 4) -> list[str]:
     if task in NEEDS_DATA:
         if real_data_root() is not None:
             extra += ["--data.init_args.root", str(real_data_root()), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", str(batch_size)]
+            if "eval_batch_size" in cfg["data"].get("init_args", {}):  # (the GPU recipes evaluate 1,000 images per batch)
+                extra += ["--data.init_args.eval_batch_size", str(batch_size)]
         else:  # no data here: same config with a synthetic DataModule of the same shape
             cfg["data"] = {"class_path": "mdeq.lightning.SyntheticDataModule", "init_args": {"input_shape": list(NEEDS_DATA[task]), "batch_size": batch_size}}
             changed = True
