@@ -13,3 +13,5 @@ run torchdeq_forward torchdeq_forward.py --batch 32 --device cuda --repeats 5
 run torchdeq_training torchdeq_training.py --batch 128 --device cuda
 run memory memory.py --batch 32 --steps 10 30 100 --device cuda
 run deq_overhead deq_overhead.py --batch 128 --device cuda
+# CIFAR-10 epoch time, old path vs the GPU recipe (needs the data: MDEQ_DATA=/tmp/mdeq_data after tools/gpu/lease.py prepare)
+if [ -n "${MDEQ_DATA:-}" ]; then run epoch_time epoch_time.py; else echo "== epoch_time: skipped (set MDEQ_DATA)"; fi
