@@ -50,7 +50,8 @@ class ConvergenceGuard(pl.Callback):
       read nothing: the per-step counts are summed on the device, a step whose gradients are
       not finite has them zeroed there (the optimizer's step then leaves the weights finite), and
       every N-th step reads the sums once, decides as above over the N steps (windows are still
-      counted in steps) and stops training if any of them had a non-finite loss or gradient.
+      counted in steps) and stops training if any of them had a non-finite loss or gradient (the
+      end of an epoch and of training also check for such steps).
 
     ``stopped_reason`` holds the message when the guard stopped training.
     """
@@ -116,14 +117,9 @@ class ConvergenceGuard(pl.Callback):
         return max(1, -(-steps // self.check_every_n_steps))
 
     def _reads_now(self, trainer: pl.Trainer) -> bool:
-        """Whether this step's statistics are read on the host (every ``check_every_n_steps``-th
-        step, and always the last step of the run so nothing is left unread)."""
+        """Whether this step's statistics are read on the host: every ``check_every_n_steps``-th step."""
         n = self.check_every_n_steps
-        if n == 1:
-            return True
-        step = trainer.global_step  # already counts this step's optimizer step
-        last = getattr(trainer, "max_steps", -1)
-        return step % n == 0 or (last is not None and last > 0 and step >= last)
+        return n == 1 or trainer.global_step % n == 0  # (global_step already counts this step)
 
     # ---- the stability of the equilibrium ----------------------------------------------------------
     def _stability_step(self, trainer: pl.Trainer) -> bool:
@@ -220,13 +216,20 @@ class ConvergenceGuard(pl.Callback):
             self._read_pending(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_steps:  # check_every_n_steps > 1: nothing of an epoch stays unread
-            self._read_pending(trainer, pl_module)
+        if self._pending_steps:  # check_every_n_steps > 1: no non-finite step of an epoch goes unread
+            self._read_pending(trainer, pl_module, partial=True)
 
-    def _read_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the device sums of the steps since the last read (one host read) and act on them."""
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_steps:  # (a run that ends on max_steps between reads)
+            self._read_pending(trainer, pl_module, partial=True)
+
+    def _read_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule, partial: bool = False) -> None:
+        """Read the device sums of the steps since the last read (one host read) and act on them.
+        A ``partial`` read (epoch end between reads) acts on non-finite steps only and keeps the
+        counts, so the convergence windows still hold whole reads of ``check_every_n_steps`` steps."""
         sums, steps, sol = self._pending, self._pending_steps, getattr(self, "_pending_solution", None)
-        self._pending, self._pending_steps, self._pending_solution = None, 0, None
+        if not partial:
+            self._pending, self._pending_steps, self._pending_solution = None, 0, None
         if sums is None:
             return
         bad_loss, bad_grads, near_total, reached_total, count = self._all_ranks(trainer, sums).tolist()
@@ -241,7 +244,7 @@ class ConvergenceGuard(pl.Callback):
                 "the guard reads every check_every_n_steps; those steps' gradients were zeroed on the device, the weights are finite)",
             )
             return
-        if count == 0 or sol is None:
+        if partial or count == 0 or sol is None:
             return
         self._decide(trainer, pl_module, sol, near_total / count, reached_total / count)
 
