@@ -11,7 +11,7 @@ other in this process's machine, each timed by ``mdeq.lightning.StepTimer`` betw
 - new: ``configs/cifar10/<model>_gpu.yaml`` as shipped (data on the device as well).
 
 Each row reports ms per step, images/s and the implied time of one 47,500-image epoch; the last
-column is the epoch-time ratio to the old path. The configs differ in batch size and budget by
+column is the old path's epoch time over this row's (above 1: faster). The configs differ in batch size and budget by
 design (that is the recipe); images/s compares them fairly. Needs CIFAR-10 under $MDEQ_DATA.
 
 Usage: MDEQ_DATA=../shared/data python benchmarks/epoch_time.py [--models mdeq_tiny conv_deq_small]
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--limit-train", type=int, default=None, help="training images (smoke runs)")
     p.add_argument("--batch", type=int, default=None, help="one batch size for every run (default: each config's own)")
     args = p.parse_args()
-    print("| model | path | batch | ms/step | images/s | epoch (47,500 images) | epoch vs old |")
+    print("| model | path | batch | ms/step | images/s | epoch (47,500 images) | speed-up vs old |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -91,7 +91,7 @@ def main() -> None:
                 ips = t["batch_size"] / t["seconds_per_step"]
                 epoch = TRAIN_IMAGES / ips
                 old_epoch = old_epoch or epoch
-                print(f"| {model} | {path} | {t['batch_size']} | {t['seconds_per_step'] * 1e3:.1f} | {ips:.0f} | {epoch:.1f} s | {old_epoch / epoch:.2f}x faster |", flush=True)
+                print(f"| {model} | {path} | {t['batch_size']} | {t['seconds_per_step'] * 1e3:.1f} | {ips:.0f} | {epoch:.1f} s | {old_epoch / epoch:.2f}x |", flush=True)
     print(f"\ndevice: {t['device']}; steps {args.steps} timed; command: python benchmarks/epoch_time.py {' '.join(sys.argv[1:])}")
 
 

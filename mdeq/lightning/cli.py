@@ -65,6 +65,16 @@ class MDEQCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         given = self._get(self.config_init, "trainer", default={})
+        if given.get("enable_progress_bar") is False and "callbacks" not in kwargs:
+            # `--trainer.enable_progress_bar false` wins over a config's progress-bar callback (the
+            # GPU recipes set its refresh rate), instead of Lightning's error about the pair
+            from lightning.pytorch.callbacks import ProgressBar
+
+            listed = given.get("callbacks") or []
+            listed = listed if isinstance(listed, list) else [listed]
+            kept = [c for c in listed if not isinstance(c, ProgressBar)]
+            if len(kept) != len(listed):
+                kwargs["callbacks"] = kept
         for key, value in integer_limits(getattr(self, "_given_args", [])).items():
             if key not in kwargs and given.get(key) == value:
                 kwargs[key] = value  # as written: 1 batch, not 1.0 = 100% (see integer_limits)

@@ -393,3 +393,14 @@ def test_toy_config_prints_what_it_is_for_and_few_figures(tmp_path, capsys, monk
     assert re.search(r"test predictions: f\(-5\) = -?\d+\.\d{3} \(target -10\), f\(0\) = .*f\(12\) = ", out), out
     figures = list(tmp_path.glob("runs/toy/deq_toy_regressor/**/*.png"))
     assert len(figures) == 1  # epoch 0 of 3 (every 100th epoch: 5 over the config's 500, not 500)
+
+
+def test_no_progress_bar_wins_over_a_configs_progress_bar_callback(tmp_path):
+    """The GPU recipes list a TQDMProgressBar (its refresh rate); `--trainer.enable_progress_bar
+    false` then drops it instead of failing with Lightning's error about the pair."""
+    cfg = yaml.safe_load((REPO / "configs/digits/mdeq_digits.yaml").read_text())
+    cfg["trainer"].setdefault("callbacks", []).append({"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 50}})
+    path = tmp_path / "bar.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["fit", "--config", str(path), "--trainer.fast_dev_run", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert main([*args, "--trainer.enable_progress_bar", "false"]) == 0
