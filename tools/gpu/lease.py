@@ -76,6 +76,28 @@ def prepare(shards: list[Path], wheels: Path) -> None:
         done.write_text(str(shard.stat().st_size))
     present = sorted(p.name for p in (DATA / "cifar-10-batches-py").glob("*")) if (DATA / "cifar-10-batches-py").is_dir() else []
     log(f"data in {DATA}: {present}")
+    smoke_check()
+
+
+def smoke_check() -> None:
+    """Versions, and one training step of each model on 2 images (the image's torch and Lightning
+    are not the ones CI tests with): a failure shows in call 1, before the long call."""
+    code = (
+        "import torch, lightning, jsonargparse, zoo\n"
+        "from mdeq.core.budget import solver_budget\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "print('torch', torch.__version__, 'lightning', lightning.__version__, 'jsonargparse', jsonargparse.__version__, dev,\n"
+        "      torch.cuda.get_device_name() if dev == 'cuda' else '')\n"
+        "for name in ('mdeq_tiny', 'conv_deq_small'):\n"
+        "    m = zoo.create(name).to(dev).train()\n"
+        "    with solver_budget(fixed=True, quiet=True), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == 'cuda'):\n"
+        "        out, sol = m(torch.randn(2, 3, 32, 32, device=dev), return_solution=True)\n"
+        "    out.float().square().mean().backward()\n"
+        "    print(name, 'forward+backward ok,', sol.nsteps, 'steps')\n"
+    )
+    proc = subprocess.run([PYTHON, "-c", code], env=_env(), cwd=REPO, capture_output=True, text=True)
+    print(proc.stdout + proc.stderr[-3000:], end="")
+    log("smoke check " + ("passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"))
 
 
 # ---- run -----------------------------------------------------------------------------------------
