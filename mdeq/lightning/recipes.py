@@ -49,14 +49,13 @@ class JacobianSchedule:
 
 
 def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    """The named optimizer. Adam/AdamW on CUDA parameters use the fused kernels (one launch per
-    step, step counters on the device: no host read); elsewhere the default implementation."""
-    params = list(params)
-    fused = {"fused": True} if params and all(isinstance(p, torch.Tensor) and p.is_cuda for p in params) else {}
+    """The named optimizer, torch's default implementation (multi-tensor on CUDA). Not the fused
+    Adam kernels: Lightning refuses gradient clipping with them under mixed precision, and the
+    default's step counters live on the host, so reading them is no device sync."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=momentum > 0)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")

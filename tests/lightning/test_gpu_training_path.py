@@ -16,8 +16,8 @@ from mdeq.core.solvers import base
 from mdeq.lightning import ClassificationModule, ConvergenceGuard, SyntheticDataModule
 from tests.core.test_host_syncs import HOST_READS, HostReads
 
-# Values that live on the host by design, also on a GPU: the non-fused optimizers' step counters
-# (CUDA runs use the fused Adam/AdamW, whose counters are on the device) and the Jacobian
+# Values that live on the host by design, also on a GPU, so reading them is no device sync: the
+# optimizers' step counters (torch keeps them on the CPU unless capturable/fused) and the Jacobian
 # schedule's CPU-generator draw of whether this step is regularised.
 HOST_BY_DESIGN = ("torch/optim/", "mdeq/lightning/recipes.py")
 
@@ -134,3 +134,15 @@ def test_step_timer_reports_the_time_per_step_and_can_stop_the_run(tmp_path):
     for bad in ((3, 3), (-1, 2), (2.0, 4)):
         with pytest.raises(ValueError, match="StepTimer"):
             StepTimer(str(tmp_path / "x.json"), *bad)
+
+
+def test_the_optimizers_allow_gradient_clipping_under_mixed_precision():
+    """The GPU recipes clip gradients under bf16-mixed: Lightning refuses that for optimizers that
+    unscale internally (the fused Adam kernels), which the CPU rehearsal in float32 would not see."""
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    from mdeq.lightning.recipes import build_optimizer
+
+    for name in ("adam", "adamw", "sgd"):
+        opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], name, 1e-3, 0.0, 0.9)
+        assert not _optimizer_handles_unscaling(opt), name
