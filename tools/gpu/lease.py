@@ -97,7 +97,23 @@ def smoke_check() -> None:
     )
     proc = subprocess.run([PYTHON, "-c", code], env=_env(), cwd=REPO, capture_output=True, text=True)
     print(proc.stdout + proc.stderr[-3000:], end="")
-    log("smoke check " + ("passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"))
+    ok = proc.returncode == 0
+    # then the GPU recipe itself through `mdeq fit` for 3 steps (its precision plugin, clipping,
+    # guard, data on the device) on synthetic CIFAR-shaped data, small batches
+    folder = RUNS / "smoke"
+    cfg = derived_config("mdeq_tiny", folder, {"trainer.max_steps": 3, "trainer.limit_val_batches": 1, "trainer.limit_test_batches": 1,
+                                                "model.pretrain_steps": 1}, rehearsal=False)
+    import yaml
+
+    data = yaml.safe_load(cfg.read_text())
+    data["data"] = {"class_path": "mdeq.lightning.SyntheticDataModule",
+                    "init_args": {"input_shape": [3, 32, 32], "batch_size": 8, "augment": True, "data_on_device": True}}
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    fit = subprocess.run([PYTHON, "-m", "mdeq.cli", "fit", "--config", str(cfg)], env=_env(), cwd=REPO, capture_output=True, text=True)
+    result = [line for line in fit.stdout.splitlines() if line.startswith("RESULT")]
+    print("\n".join(result) if fit.returncode == 0 else (fit.stdout + fit.stderr)[-3000:])
+    ok = ok and fit.returncode == 0
+    log("smoke check " + ("passed" if ok else "FAILED"))
 
 
 # ---- run -----------------------------------------------------------------------------------------
