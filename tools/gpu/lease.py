@@ -76,10 +76,15 @@ def prepare(shards: list[Path], wheels: Path) -> None:
         done.write_text(str(shard.stat().st_size))
     present = sorted(p.name for p in (DATA / "cifar-10-batches-py").glob("*")) if (DATA / "cifar-10-batches-py").is_dir() else []
     log(f"data in {DATA}: {present}")
-    smoke_check()
+    passed = DATA / ".unpacked" / "smoke_check.passed"
+    if passed.is_file():  # (call 2: call 1 checked this machine already)
+        log("smoke check passed in an earlier call on this machine")
+    elif smoke_check():
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        passed.write_text(time.strftime("%H:%M:%S"))
 
 
-def smoke_check() -> None:
+def smoke_check() -> bool:
     """Versions, and one training step of each model on 2 images (the image's torch and Lightning
     are not the ones CI tests with): a failure shows in call 1, before the long call."""
     code = (
@@ -114,6 +119,7 @@ def smoke_check() -> None:
     print("\n".join(result) if fit.returncode == 0 else (fit.stdout + fit.stderr)[-3000:])
     ok = ok and fit.returncode == 0
     log("smoke check " + ("passed" if ok else "FAILED"))
+    return ok
 
 
 # ---- run -----------------------------------------------------------------------------------------
