@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdeq.lightning import ClassificationModule, ConvergenceGuard, DigitsDataModule, SyntheticDataModule
+from mdeq.lightning import CIFAR10DataModule, ClassificationModule, ConvergenceGuard, DigitsDataModule
 from mdeq.lightning.data import DeviceBatches
 from tests.core.test_host_syncs import HostReads
+from tests.lightning.conftest import real_data_root
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -128,8 +129,17 @@ def test_a_run_with_data_on_device_trains_like_the_dataloader_path():
         torch.testing.assert_close(on[k], off[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_synthetic_cifar_shaped_data_on_device_runs_augmented():
-    dm = SyntheticDataModule(input_shape=(3, 32, 32), augment=True, data_on_device=True, batch_size=8)
-    dm.setup()
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+@pytest.mark.skipif(real_data_root() is None, reason="../shared/data not present: real-data tests skipped")
+def test_real_cifar10_on_the_device_equals_the_dataloader_path():
+    """CIFAR-10 read in place from ../shared/data (uint8 kept as such on the device)."""
+    kw = dict(root=str(real_data_root()), batch_size=64, limit_train=600, limit_test=200)
+    on, off = CIFAR10DataModule(data_on_device=True, **kw), CIFAR10DataModule(**kw)
+    on.setup(), off.setup()
+    assert on._splits["train"][0].dtype == torch.uint8
+    for (x1, y1), (x2, y2) in zip(on.test_dataloader(), off.test_dataloader()):
+        assert torch.equal(y1, y2)
+        torch.testing.assert_close(x1, x2, rtol=0, atol=1e-6)
+    augmented = CIFAR10DataModule(data_on_device=True, augment=True, **kw)
+    augmented.setup()
+    (xa, ya), (xp, yp) = next(iter(augmented.train_dataloader())), next(iter(on.train_dataloader()))
+    assert xa.shape == (64, 3, 32, 32) and torch.equal(ya, yp) and not torch.allclose(xa, xp)
