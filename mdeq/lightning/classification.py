@@ -117,6 +117,8 @@ OPTION_RULES: dict[str, tuple[str, Any]] = {
     "eval_max_steps": (">= 1 (an integer) or None", lambda v: v is None or (_integer(v) and v >= 1)),
     "train_tol": ("in (0, 1] or None", lambda v: v is None or (_number(v) and 0 < v <= 1)),
     "eval_tol": ("in (0, 1] or None", lambda v: v is None or (_number(v) and 0 < v <= 1)),
+    "train_fixed_budget": ("true or false", lambda v: isinstance(v, bool)),
+    "label_smoothing": ("in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
 }
 
 
@@ -187,16 +189,12 @@ class DEQLightningModule(pl.LightningModule):
             lr=lr, weight_decay=weight_decay, momentum=momentum, warmup_steps=warmup_steps, skip_weight=skip_weight,
             min_lr_ratio=min_lr_ratio, jacobian_warmup_steps=jacobian_warmup_steps, jacobian_probes=jacobian_probes,
             pretrain_steps=pretrain_steps, pretrain_unroll=pretrain_unroll, train_max_steps=train_max_steps,
-            eval_max_steps=eval_max_steps, train_tol=train_tol, eval_tol=eval_tol,
+            eval_max_steps=eval_max_steps, train_tol=train_tol, eval_tol=eval_tol, train_fixed_budget=train_fixed_budget,
         )
         self.jacobian = JacobianSchedule(jacobian_weight, jacobian_probability, jacobian_start_weight, jacobian_warmup_steps, seed)
         self.regularizer = JacobianRegularization(backend=jacobian_backend, n_probes=jacobian_probes)
         self.skip_weight = skip_weight
         self.pretrain_steps, self.pretrain_unroll = pretrain_steps, pretrain_unroll
-        if not isinstance(train_fixed_budget, bool):
-            from mdeq.lightning.errors import ConfigError
-
-            raise ConfigError(f"train_fixed_budget must be true or false, got {train_fixed_budget!r}")
         # A fixed training budget runs every solve (forward and the implicit backward) for exactly
         # its max_steps with no host read: the GPU recipe's step never waits for the device.
         self.train_budget = SolverBudget(train_max_steps, train_tol, fixed=True if train_fixed_budget else None)
@@ -404,8 +402,7 @@ class ClassificationModule(DEQLightningModule):
         if num_classes is not None and isinstance(backbone, str) and "num_classes" not in bk:
             kwargs["backbone_kwargs"] = {**bk, "num_classes": num_classes}
         super().__init__(backbone, **kwargs)
-        if not (_number(label_smoothing) and 0.0 <= label_smoothing < 1.0):
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        check_options(label_smoothing=label_smoothing)
         self.label_smoothing = float(label_smoothing)
         own = getattr(self.backbone, "num_classes", None)
         if num_classes is None and isinstance(own, int) and own >= 1:

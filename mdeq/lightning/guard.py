@@ -77,6 +77,7 @@ class ConvergenceGuard(pl.Callback):
         self._pending: torch.Tensor | None = None  # device sums since the last read: bad loss, bad grads, near, reached, samples
         self._pending_steps = 0
         self._bad_grads: torch.Tensor | None = None  # device count of zeroed non-finite-gradient steps
+        self._pending_solution: Any = None  # the last solving step's solution (its tol, residuals for messages)
         if not (isinstance(stability_every_n_steps, int) and stability_every_n_steps >= 0):
             raise ValueError(f"stability_every_n_steps must be an integer >= 0, got {stability_every_n_steps!r}")
         self.stability_every_n_steps = stability_every_n_steps
@@ -149,7 +150,7 @@ class ConvergenceGuard(pl.Callback):
         if self.check_every_n_steps > 1:  # no host read: zero the gradients on the device, count the step
             for g in grads:
                 g.masked_fill_(~finite, 0)
-            self._bad_grads = (~finite).float() if getattr(self, "_bad_grads", None) is None else self._bad_grads + (~finite).float()
+            self._bad_grads = (~finite).float() if self._bad_grads is None else self._bad_grads + (~finite).float()
             return
         if not bool(finite):  # one host sync per step
             for p in pl_module.parameters():
@@ -201,9 +202,8 @@ class ConvergenceGuard(pl.Callback):
         local = torch.zeros(5, device=device)  # non-finite losses, non-finite gradients, near, reached, samples
         if isinstance(loss, torch.Tensor):
             local[0] = (~torch.isfinite(loss.detach()).all()).float()
-        bad_grads = getattr(self, "_bad_grads", None)
-        if bad_grads is not None:
-            local[1] = bad_grads.to(device)
+        if self._bad_grads is not None:
+            local[1] = self._bad_grads.to(device)
             self._bad_grads = None
         if solving and sol.converged.numel():
             local[2] = self._near(sol).float().sum()
@@ -211,7 +211,8 @@ class ConvergenceGuard(pl.Callback):
             local[4] = sol.converged.numel()
         self._pending = local if self._pending is None else self._pending + local
         self._pending_steps += 1
-        self._pending_solution = sol if solving else getattr(self, "_pending_solution", None)
+        if solving:
+            self._pending_solution = sol
         if self._reads_now(trainer):
             self._read_pending(trainer, pl_module)
 
@@ -227,7 +228,7 @@ class ConvergenceGuard(pl.Callback):
         """Read the device sums of the steps since the last read (one host read) and act on them.
         A ``partial`` read (epoch end between reads) acts on non-finite steps only and keeps the
         counts, so the convergence windows still hold whole reads of ``check_every_n_steps`` steps."""
-        sums, steps, sol = self._pending, self._pending_steps, getattr(self, "_pending_solution", None)
+        sums, steps, sol = self._pending, self._pending_steps, self._pending_solution
         if not partial:
             self._pending, self._pending_steps, self._pending_solution = None, 0, None
         if sums is None:
